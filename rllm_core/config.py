@@ -70,7 +70,7 @@ class RewardConfig(_Section):
 
 class DataConfig(_Section):
     train: str | list[dict[str, Any]] | None = None
-    """Path to a JSONL/Parquet file, a registered generator ``name`` (see the data module), or inline tasks."""
+    """A ``.jsonl``/``.json``/``.parquet`` path, a ``module:attr`` list or callable returning tasks, or inline tasks."""
     val: str | list[dict[str, Any]] | None = None
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     """Hold out this fraction of ``train`` for validation when ``val`` is not given."""
@@ -89,8 +89,10 @@ class RolloutConfig(_Section):
     """Rollouts per task in training (the group size)."""
     n_val: int = Field(1, ge=1)
     """Rollouts per task in validation (pass@k uses k <= n_val)."""
-    train_sampling: dict[str, Any] = Field(default_factory=lambda: {"temperature": 1.0})
+    train_sampling: dict[str, Any] = Field(default_factory=dict)
+    """Sampling arguments bound into the engine workflows get in training (a per-call argument wins)."""
     val_sampling: dict[str, Any] = Field(default_factory=lambda: {"temperature": 0.0})
+    """Sampling arguments for validation rollouts."""
 
 
 class FilterConfig(_Section):
@@ -108,6 +110,7 @@ class LossConfig(_Section):
     agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     """How token losses become one number; ``seq-mean-token-sum-norm`` is Dr.GRPO's."""
     clip_low: float = Field(0.2, ge=0)
+    """Lower PPO clip: the ratio is kept above ``1 - clip_low``."""
     clip_high: float = Field(0.28, ge=0)
     """Upper PPO clip (clip-higher, DAPO)."""
     kl_coef: float = Field(0.0, ge=0)
@@ -116,10 +119,15 @@ class LossConfig(_Section):
 
 class OptimConfig(_Section):
     lr: float = Field(1e-5, gt=0)
+    """Peak learning rate."""
     schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warm-up (how the backend decays ``lr`` over the run)."""
     warmup_steps: int = Field(0, ge=0)
+    """Steps of linear warm-up from 0 to ``lr``."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
     grad_clip: float | None = Field(1.0, gt=0)
     """Max global grad norm; None disables clipping."""
 
@@ -288,6 +296,15 @@ def validate_plugin_sections(config: RLLMConfig, registry: Any | None = None) ->
     return config
 
 
+_FREE_FORM_DICTS = (
+    ("workflow", "args"),
+    ("reward", "args"),
+    ("rollout", "train_sampling"),
+    ("rollout", "val_sampling"),
+    ("algorithm", "estimator_map"),
+)
+
+
 def load_config(
     *sources: str | Path | Mapping[str, Any] | RLLMConfig,
     overrides: Sequence[str] = (),
@@ -297,10 +314,19 @@ def load_config(
 
     With ``validate_plugins`` the plugin-owned sections are validated too (the trainer does this).
     """
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    parts = []
+    # The schema's defaults go first, so interpolations can see them. Free-form dicts are left out
+    # (a dict you set replaces the default one, so ``{}`` stays ``{}``), and so are ``loggers`` and
+    # ``hooks``, which a file may give as a list.
+    defaults = RLLMConfig().to_dict()
+    for key in ("loggers", "hooks"):
+        defaults.pop(key)
+    for section, key in _FREE_FORM_DICTS:
+        defaults[section].pop(key)
+    parts = [OmegaConf.create(defaults)]
     for src in sources:
         if isinstance(src, RLLMConfig):
             parts.append(OmegaConf.create(src.to_dict()))
@@ -312,7 +338,7 @@ def load_config(
                 raise ConfigError(f"config file not found: {path}")
             try:
                 parts.append(OmegaConf.load(path))
-            except (OmegaConfBaseException, ValueError) as exc:
+            except (OmegaConfBaseException, ValueError, yaml.YAMLError) as exc:
                 raise ConfigError(f"{path}: {exc}") from None
     try:
         if overrides:
@@ -322,7 +348,8 @@ def load_config(
             parts.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*parts) if parts else OmegaConf.create({})
         raw = OmegaConf.to_container(merged, resolve=True)
-    except OmegaConfBaseException as exc:
+    except (OmegaConfBaseException, TypeError) as exc:
+        # omegaconf raises a bare TypeError when a mapping meets a list at the same key.
         raise ConfigError(f"config: {exc}") from None
     try:
         config = RLLMConfig.model_validate(raw)

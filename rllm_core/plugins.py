@@ -63,6 +63,10 @@ KNOWN_PROVIDERS: dict[tuple[str, str], str] = {
     ("backend", "verl"): "rllm-verl",
     ("logger", "wandb"): "rllm-wandb",
     ("logger", "mlflow"): "rllm-mlflow",
+    **{
+        ("reward", name): "rllm-rewards"
+        for name in ("math", "countdown", "exact_match", "f1", "multiple_choice", "code")
+    },
 }
 
 ENTRY_POINT_GROUP = "rllm"
@@ -270,18 +274,26 @@ class Registry:
 
     def __init__(self, pm: pluggy.PluginManager, infos: dict[str, PluginInfo]) -> None:
         self._items: dict[str, dict[str, Registration]] = {k: {} for k in self.KINDS}
+        # Registration hooks are called directly (one try/except per plugin), so pluggy's own
+        # tracing never sees them: trace them here.
+        trace = bool(os.environ.get("RLLM_TRACE_HOOKS"))
         for kind, hook_name in REGISTRATION_HOOKS.items():
             hook = getattr(pm.hook, hook_name)
             # pluggy calls implementations last-registered first; we register in load order so
             # that built-ins come first and a clash is reported against the later plugin.
             for impl in hook.get_hookimpls():
                 info = infos.setdefault(impl.plugin_name, PluginInfo(name=impl.plugin_name))
+                start = time.perf_counter()
                 try:
                     impl.function(register=self._register_fn(kind, info))
                 except PluginLoadError:
                     raise
                 except Exception as exc:
                     _report(info, f"{hook_name} raised", exc)
+                finally:
+                    if trace:
+                        ms = (time.perf_counter() - start) * 1e3
+                        sys.stderr.write(f"[rllm trace] {impl.plugin_name}.{hook_name} {ms:.2f} ms\n")
 
     def _register_fn(self, kind: str, info: PluginInfo):
         def register(name: str, obj: Any, **options: Any) -> None:

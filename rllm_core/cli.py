@@ -1,0 +1,267 @@
+"""The ``rllm`` command line.
+
+``rllm plugins [--json]``                      what is installed: each plugin, what it registers, load errors
+``rllm config show CONFIG [a.b=c ...]``        the resolved config as YAML
+``rllm train CONFIG [a.b=c ...]``              run ``UnifiedTrainer(load_config(...)).fit()``
+``rllm export CHECKPOINT OUT [--backend NAME]`` the backend's export of a checkpoint (e.g. a HF model dir)
+
+Exit codes: 0 success, 1 runtime failure, 2 bad config or bad arguments, 130 interrupted.
+Importing this module is cheap; each command imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _UsageError(Exception):
+    """Bad input from the user: printed without a traceback, exit code 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# rllm plugins
+
+
+def _hook_plugin_hooks(obj: Any) -> list[str]:
+    """Trainer hooks that a registered hook factory implements (when it is a class we can inspect)."""
+    from rllm_core.hookspecs import TRAINER_HOOKS
+
+    if not isinstance(obj, type):
+        return []
+    # pluggy's HookimplMarker("rllm") tags implementations with an ``rllm_impl`` dict of options.
+    hooks = set()
+    for attr in dir(obj):
+        opts = getattr(getattr(obj, attr, None), "rllm_impl", None)
+        if isinstance(opts, dict):
+            hook = opts.get("specname") or attr
+            if hook in TRAINER_HOOKS:
+                hooks.add(hook)
+    return sorted(hooks)
+
+
+def _plugin_rows() -> list[dict[str, Any]]:
+    from rllm_core.plugins import get_registry, plugin_infos
+
+    infos = plugin_infos()
+    registry = get_registry()
+    rows = []
+    for info in infos:
+        row = info.as_dict()
+        hook_plugins = {}
+        for name in info.registers.get("hook", []):
+            try:
+                obj = registry.resolve("hook", name)
+            except LookupError:
+                continue
+            hook_plugins[name] = _hook_plugin_hooks(obj)
+        row["hook_plugins"] = hook_plugins
+        rows.append(row)
+    return rows
+
+
+def _format_table(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for row in rows:
+        origin = "built-in" if row["builtin"] else f"{row['distribution'] or '?'} {row['version'] or '?'}"
+        status = "ERROR" if row["errors"] else "ok"
+        lines.append(f"{row['name']}  [{origin}]  {status}")
+        for kind, names in sorted(row["registers"].items()):
+            lines.append(f"    {kind + 's:':<13} {', '.join(names)}")
+        if row["hooks"]:
+            lines.append(f"    {'hooks:':<13} {', '.join(row['hooks'])}")
+        for name, hooks in row["hook_plugins"].items():
+            if hooks:
+                lines.append(f"    {'hook ' + name + ':':<13} {', '.join(hooks)}")
+        for err in row["errors"]:
+            first, *rest = err.splitlines()
+            lines.append(f"    error: {first}")
+            lines.extend(f"           {line}" for line in rest)
+    broken = sum(1 for r in rows if r["errors"])
+    lines.append("")
+    lines.append(f"{len(rows)} plugins, {broken} with errors")
+    return "\n".join(lines)
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    import warnings
+
+    # Load errors are shown in the output; the warnings would only repeat them on stderr.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rows = _plugin_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(_format_table(rows))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# rllm config show
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from omegaconf import OmegaConf
+
+    from rllm_core.config import load_config
+
+    config = load_config(args.config, overrides=args.overrides, validate_plugins=args.validate_plugins)
+    sys.stdout.write(OmegaConf.to_yaml(OmegaConf.create(config.to_dict())))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# rllm train
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from rllm_core.config import load_config
+
+    config = load_config(args.config, overrides=args.overrides)
+    from rllm_core.trainer import UnifiedTrainer
+
+    UnifiedTrainer(config).fit()
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# rllm export
+
+
+def _saved_backend(checkpoint: Path) -> str | None:
+    """The backend named in what the trainer saved with (or next to) the checkpoint."""
+    for directory in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
+        state = directory / "trainer_state.json"
+        if state.is_file():
+            try:
+                data = json.loads(state.read_text())
+            except ValueError:
+                data = {}
+            name = data.get("backend") or (data.get("config") or {}).get("backend")
+            if isinstance(name, str) and name and name != "auto":
+                return name
+        config = directory / "config.yaml"
+        if config.is_file():
+            from omegaconf import OmegaConf
+
+            try:
+                name = OmegaConf.load(config).get("backend")
+            except Exception:
+                name = None
+            if isinstance(name, str) and name and name != "auto":
+                return name
+    return None
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from rllm_core.plugins import UnknownPluginError, get_registry
+
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_dir():
+        raise _UsageError(f"checkpoint directory not found: {checkpoint}")
+    name = args.backend or _saved_backend(checkpoint)
+    if name is None:
+        raise _UsageError(
+            f"cannot tell which backend wrote {checkpoint} (no trainer_state.json or config.yaml naming it); "
+            "pass --backend NAME"
+        )
+    try:
+        backend_cls = get_registry().resolve("backend", name)
+    except UnknownPluginError as exc:
+        raise _UsageError(f"--backend: {exc}") from None
+    export = getattr(backend_cls, "export", None)
+    if not callable(export):
+        raise _UsageError(
+            f"backend {name!r} does not support export (its class has no export(checkpoint_dir, out_dir))"
+        )
+    result = export(checkpoint, Path(args.out))
+    print(f"exported {checkpoint} with backend {name!r} to {result or args.out}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def _parser() -> argparse.ArgumentParser:
+    from rllm_core import __version__
+
+    parser = argparse.ArgumentParser(prog="rllm", description="RL post-training for LLM agents (rllm-core).")
+    parser.add_argument("--version", action="version", version=f"rllm-core {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = commands.add_parser("plugins", help="list installed plugins, what they register, and load errors")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.set_defaults(func=_cmd_plugins)
+
+    p = commands.add_parser("config", help="inspect configs")
+    config_commands = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    p = config_commands.add_parser("show", help="print the resolved config as YAML")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotlist overrides, e.g. trainer.mode=async")
+    p.add_argument(
+        "--validate-plugins",
+        action="store_true",
+        help="also validate plugin sections (backend, hooks, loggers, estimators) against installed plugins",
+    )
+    p.set_defaults(func=_cmd_config_show)
+
+    p = commands.add_parser("train", help="train with a config")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotlist overrides, e.g. backend=torch")
+    p.set_defaults(func=_cmd_train)
+
+    p = commands.add_parser("export", help="export a checkpoint with its backend (e.g. to a Hugging Face model dir)")
+    p.add_argument("checkpoint", help="checkpoint directory")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--backend", help="backend that wrote the checkpoint (default: read from the saved config)")
+    p.set_defaults(func=_cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``rllm`` command; returns the exit code."""
+    parser = _parser()
+    # Intermixed parsing lets options follow the KEY=VALUE overrides (``show c.yaml a=1 --validate-plugins``).
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        if hasattr(args, "overrides") and not any(r.startswith("-") for r in rest):
+            args.overrides = [*args.overrides, *rest]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+
+    import warnings
+
+    from rllm_core.config import ConfigError
+    from rllm_core.plugins import PluginLoadError
+
+    # One line per warning (plugin load errors, deprecations), without the source line Python adds.
+    warnings.formatwarning = lambda message, category, *_args, **_kw: f"rllm: {category.__name__}: {message}\n"
+
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"rllm: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except _UsageError as exc:
+        print(f"rllm {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PluginLoadError as exc:
+        print(f"rllm: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("rllm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,560 @@
+"""``UnifiedTrainer``: the RL loop over any backend, synchronous or fully asynchronous.
+
+What one training step reduces to, in both modes::
+
+    episodes = rollouts of a batch of tasks        (workflow engine; n per task)
+    postprocess_opsd(episode) for each episode     (hook plugins, concurrently, when any implement it)
+    groups   = trajectory_grouping_hook(episodes)  (first result wins; default: by task and role)
+    groups   = filter_groups(groups)               (uniform rewards, group size, masks)
+    backend.transform_to_backend_batch -> process_backend_batch -> compute_advantages -> update_policy
+    version += 1; on_policy_updated(version)       (sync: every step; async: every sync_every steps)
+
+Sync mode generates a batch, then trains on it. Async mode runs a generation loop and a training
+loop concurrently; the :class:`~rllm_core.coordinator.Coordinator` bounds staleness and pauses
+and drains generation around weight syncs. Everything between "episodes" and "update" is the
+same method (:meth:`UnifiedTrainer._train_on`) in both modes.
+
+Lifecycle events go to the backend (``on_train_start(state)``...) and then to the hook plugins
+the config switches on (``on_train_start(trainer)``...). ``on_policy_updated`` fires exactly once
+per version change. Ctrl-C stops after the current step (a second Ctrl-C abandons it), writes a
+checkpoint and closes the loggers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+from rllm_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from rllm_core.config import ConfigError, RLLMConfig, validate_plugin_sections
+from rllm_core.coordinator import Coordinator, TaskResult
+from rllm_core.data import TaskLoader, load_train_val
+from rllm_core.loggers import Logger, MultiLogger
+from rllm_core.metrics import episode_metrics, validation_metrics
+from rllm_core.plugins import HookRunner, get_registry
+from rllm_core.protocol import TrainerState
+from rllm_core.types import Episode, TrajectoryGroup
+from rllm_core.workflows import WorkflowEngine
+
+__all__ = ["UnifiedTrainer"]
+
+log = logging.getLogger("rllm")
+
+
+class UnifiedTrainer:
+    """Trains the backend named in ``config`` with the configured workflow, reward and data.
+
+    ``workflow``, ``reward_fn`` and ``backend`` override the config's choices (Python API, tests).
+    """
+
+    def __init__(
+        self,
+        config: RLLMConfig,
+        *,
+        workflow: Any = None,
+        reward_fn: Any = None,
+        backend: Any = None,
+    ) -> None:
+        self.config = config
+        validate_plugin_sections(config)
+        cfg_async = config.async_
+        if config.trainer.mode == "async" and cfg_async.max_staleness < cfg_async.sync_every - 1:
+            raise ConfigError(
+                f"async.max_staleness: {cfg_async.max_staleness} is below sync_every - 1 = {cfg_async.sync_every - 1}; "
+                "samples generated right after a sync are trained for sync_every steps before the next one"
+            )
+        registry = get_registry()
+        self.run_dir = config.trainer.resolved_run_dir
+        if backend is None:
+            backend = registry.resolve("backend", config.backend)(config)
+        self.backend = backend
+        backend.validate_config(config)
+        self.engine = backend.init_rollout_engine()
+        if getattr(backend, "rollout_engine", None) is None:
+            backend.rollout_engine = self.engine
+        self.workflow_engine = WorkflowEngine(workflow, config, self.engine, reward_fn)
+        train, val = load_train_val(config.data, seed=config.trainer.seed)
+        self.loader = TaskLoader(
+            train,
+            config.data.train_batch_size,
+            epochs=config.trainer.epochs,
+            shuffle=config.data.shuffle,
+            seed=config.trainer.seed,
+        )
+        self.val_tasks = val
+        self.hook_plugins: dict[str, Any] = {}
+        self.runner = self._build_hooks()
+        self.logger: MultiLogger = MultiLogger({})
+        self.step = 0
+        """Training steps done (batches consumed)."""
+        self.weight_version = 0
+        """Optimiser updates done: the version of the trainer's policy."""
+        self.served_version = 0
+        """The version the sampler serves (last ``on_policy_updated``)."""
+        self.state = TrainerState()
+        self.last_metrics: dict[str, float] = {}
+        self.val_metrics: dict[str, float] = {}
+        self.resumed_from: Path | None = None
+        self.last_checkpoint: Path | None = None
+        self._saved_step = -1
+        self._pending: list[tuple[int, int]] = []
+        self._stop_requested = False
+        self._abandon = False
+        self._in_update = False
+        self._epochs_started: set[int] = set()
+        cap = config.trainer.total_steps
+        self.total_steps = min(cap, self.loader.total_steps) if cap else self.loader.total_steps
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _build_hooks(self) -> HookRunner:
+        runner = HookRunner()
+        try:
+            import rllm_core.builtins.grouping as grouping
+        except ImportError:
+            grouping = None
+        if grouping is not None:
+            runner.add("rllm.grouping", grouping)
+        registry = get_registry()
+        for name, settings in self.config.hooks.items():
+            obj = registry.resolve("hook", name)
+            if isinstance(obj, types.ModuleType):
+                plugin = obj
+            else:
+                try:
+                    plugin = obj(dict(settings or {}))
+                except Exception as exc:
+                    raise ConfigError(f"hooks.{name}: could not be created: {type(exc).__name__}: {exc}") from exc
+            runner.add(name, plugin)
+            self.hook_plugins[name] = plugin
+        return runner
+
+    def _build_loggers(self) -> MultiLogger:
+        registry = get_registry()
+        loggers: dict[str, Logger] = {}
+        for name, settings in self.config.loggers.items():
+            try:
+                cls = registry.resolve("logger", name)
+                loggers[name] = cls(dict(settings or {}), run_dir=self.run_dir, config=self.config)
+            except Exception as exc:
+                log.warning("logger %r could not be created (%s: %s); it is disabled", name, type(exc).__name__, exc)
+        return MultiLogger(loggers)
+
+    # -- entry points -------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, float]:
+        """Train to the end (sync entry point); returns the last step's metrics."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.fit_async())
+        raise RuntimeError("fit() called inside a running event loop; use `await trainer.fit_async()`")
+
+    def request_stop(self) -> None:
+        """Stop after the current step (what Ctrl-C does); plugins may call it too."""
+        self._stop_requested = True
+
+    async def fit_async(self) -> dict[str, float]:
+        """Train to the end; returns the last step's metrics."""
+        self._open_run()
+        self._maybe_resume()
+        main_task = asyncio.current_task()
+        restore_signal = self._install_sigint(main_task)
+        state = self._new_state()
+        crashed = False
+        try:
+            await self.backend.on_train_start(state)
+            await self.runner.call("on_train_start", trainer=self)
+            if self.config.trainer.val_before_train and self.val_tasks and self.step == 0:
+                await self.validate()
+            if self.config.trainer.mode == "async":
+                await self._fit_async_mode()
+            else:
+                await self._fit_sync_mode()
+            if self.config.trainer.val_at_end and self.val_tasks and not self._stop_requested:
+                await self.validate()
+        except asyncio.CancelledError:
+            if not self._abandon:
+                raise
+            log.warning("training step abandoned on request")
+        except BaseException:
+            crashed = True
+            raise
+        finally:
+            restore_signal()
+            await self._close(crashed)
+        return self.last_metrics
+
+    async def _close(self, crashed: bool) -> None:
+        try:
+            if not crashed and not self._in_update and self.step > self._saved_step and self.step > 0:
+                self.save_checkpoint()
+            state = self._new_state()
+            await self.backend.on_train_end(state)
+            await self.runner.call("on_train_end", trainer=self)
+        finally:
+            self.logger.close()
+            self.workflow_engine.close()
+            await self.backend.shutdown()
+
+    def _open_run(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = self.config.to_dict()
+        try:
+            from omegaconf import OmegaConf
+
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved), encoding="utf-8")
+        except Exception as exc:
+            log.warning("could not write %s/config.yaml: %s", self.run_dir, exc)
+        self.logger = self._build_loggers()
+        self.logger.log_config(resolved)
+
+    def _install_sigint(self, main_task: asyncio.Task | None):
+        if threading.current_thread() is not threading.main_thread() or main_task is None:
+            return lambda: None
+        loop = asyncio.get_running_loop()
+
+        def on_sigint() -> None:
+            if not self._stop_requested:
+                self._stop_requested = True
+                log.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abandon it)")
+            else:
+                self._abandon = True
+                main_task.cancel()
+
+        try:
+            loop.add_signal_handler(signal.SIGINT, on_sigint)
+        except (NotImplementedError, RuntimeError, ValueError):
+            return lambda: None
+
+        def restore() -> None:
+            try:
+                loop.remove_signal_handler(signal.SIGINT)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+
+        return restore
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _maybe_resume(self) -> None:
+        path = resolve_resume(self.config.trainer.resume, self.run_dir)
+        if path is None:
+            return
+        st = load_checkpoint(path, self.backend)
+        self.step = int(st["step"])
+        self.weight_version = self.served_version = int(st["weight_version"])
+        self.loader.load_state_dict(st["data"])
+        self._pending = [tuple(k) for k in st.get("pending", [])]
+        self._epochs_started = set(st.get("epochs_started", []))
+        self.engine.set_weight_version(self.weight_version)
+        self._saved_step = self.step
+        self.resumed_from = path
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the current step now (atomic)."""
+        trainer_state = {
+            "step": self.step,
+            "weight_version": self.served_version,
+            "epoch": self.loader.epoch,
+            "data": self.loader.state_dict(),
+            "pending": [list(k) for k in self._pending],
+            "epochs_started": sorted(self._epochs_started),
+            "time": time.time(),
+            "config": self.config.to_dict(),
+        }
+        self.last_checkpoint = save_checkpoint(
+            self.run_dir, self.step, trainer_state, self.backend, keep=self.config.trainer.keep_checkpoints
+        )
+        self._saved_step = self.step
+        return self.last_checkpoint
+
+    # -- shared step machinery ----------------------------------------------------------------
+
+    def _new_state(self, **fields: Any) -> TrainerState:
+        fields.setdefault("step", self.step)
+        fields.setdefault("epoch", self.loader.epoch)
+        fields.setdefault("weight_version", self.served_version)
+        return TrainerState(**fields)
+
+    async def _epoch_start(self, epoch: int) -> None:
+        if epoch in self._epochs_started:
+            return
+        self._epochs_started.add(epoch)
+        await self.backend.on_epoch_start(self._new_state(epoch=epoch))
+        await self.runner.call("on_epoch_start", trainer=self, epoch=epoch)
+
+    async def _epoch_end(self, epoch: int) -> None:
+        await self.backend.on_epoch_end(self._new_state(epoch=epoch))
+        await self.runner.call("on_epoch_end", trainer=self, epoch=epoch)
+
+    async def _batch_start(self, state: TrainerState) -> None:
+        self.state = state
+        await self.backend.on_batch_start(state)
+        await self.runner.call("on_batch_start", trainer=self, step=self.step)
+
+    async def group_episodes(self, episodes: list[Episode]) -> list[TrajectoryGroup]:
+        """Group through ``trajectory_grouping_hook`` (the built-in groups by task and role)."""
+        groups = await self.runner.call_first("trajectory_grouping_hook", episodes=episodes, config=self.config)
+        if groups is None:
+            from rllm_core.grouping import group_episodes
+
+            groups = group_episodes(episodes)
+        return list(groups)
+
+    async def _train_on(self, state: TrainerState, episodes: list[Episode]) -> dict[str, float]:
+        """Everything from episodes to the optimiser step: the same code in sync and async mode."""
+        from rllm_core.advantages import filter_groups
+
+        state.episodes = episodes
+        metrics = episode_metrics(episodes, "train")
+        if self.runner.has("postprocess_opsd"):
+            await asyncio.gather(
+                *(
+                    self.runner.call("postprocess_opsd", episode=e, engine=self.engine, config=self.config)
+                    for e in episodes
+                )
+            )
+        groups = await self.group_episodes(episodes)
+        groups, filter_metrics = filter_groups(groups, self.config.algorithm.filter)
+        metrics.update(filter_metrics)
+        state.groups = groups
+        metrics["train/groups/count"] = float(len(groups))
+        staleness = [
+            self.weight_version - s.weight_version
+            for g in groups
+            for t in g.trajectories
+            for s in t.steps
+            if s.weight_version is not None
+        ]
+        if staleness:
+            metrics["async/staleness/min"] = float(min(staleness))
+            metrics["async/staleness/mean"] = sum(staleness) / len(staleness)
+            metrics["async/staleness/max"] = float(max(staleness))
+        if not groups:
+            metrics["train/skipped_updates"] = 1.0
+            return metrics
+        start = time.perf_counter()
+        self._in_update = True
+        state.backend_batch = await self.backend.transform_to_backend_batch(state)
+        await self.backend.process_backend_batch(state)
+        await self.backend.compute_advantages(state, self.config.algorithm)
+        await self.backend.update_policy(state)
+        self.weight_version += 1
+        self._in_update = False
+        metrics["time/train"] = time.perf_counter() - start
+        metrics["train/skipped_updates"] = 0.0
+        metrics.update(state.metrics)
+        return metrics
+
+    async def _publish(self, state: TrainerState) -> None:
+        """Tell the backend and the hook plugins that the policy version changed (once per version)."""
+        version = self.weight_version
+        if version == self.served_version:
+            return
+        await self.backend.on_policy_updated(state, version)
+        if self.engine.weight_version != version:
+            # Staleness accounting relies on outputs being stamped with the served version.
+            self.engine.set_weight_version(version)
+        self.served_version = version
+        state.weight_version = version
+        await self.runner.call("on_policy_updated", trainer=self, version=version)
+
+    async def _finish_step(self, state: TrainerState, metrics: dict[str, float], step_start: float) -> None:
+        step_time = time.perf_counter() - step_start
+        metrics["time/step"] = step_time
+        tokens = metrics.get("train/tokens/response_sum", 0.0)
+        metrics["throughput/tokens_per_s"] = tokens / step_time if step_time > 0 else 0.0
+        for key, value in self.workflow_engine.pop_counters().items():
+            metrics[key] = value
+        metrics["trainer/step"] = float(self.step)
+        metrics["trainer/epoch"] = float(state.epoch)
+        metrics["trainer/weight_version"] = float(self.served_version)
+        metrics["trainer/total_steps"] = float(self.total_steps)
+        metrics["hooks/failures"] = float(sum(self.runner.failures.values()))
+        metrics["loggers/failures"] = float(sum(self.logger.failures.values()))
+        state.metrics = metrics
+        self.last_metrics = metrics
+        self.logger.log_metrics(self.step, metrics)
+        n_log = self.config.trainer.log_episodes
+        if n_log:
+            self.logger.log_episodes(self.step, state.episodes[:n_log])
+        await self.backend.on_batch_end(state)
+        await self.runner.call("on_batch_end", trainer=self, metrics=metrics)
+
+    async def _after_step(self) -> None:
+        cfg = self.config.trainer
+        if cfg.val_every and self.val_tasks and self.step % cfg.val_every == 0:
+            await self.validate()
+        if cfg.save_every and self.step % cfg.save_every == 0:
+            self.save_checkpoint()
+
+    def _should_stop(self) -> bool:
+        return self._stop_requested or self.step >= self.total_steps
+
+    async def validate(self) -> dict[str, float]:
+        """Run the validation tasks (``rollout.n_val`` each) and log pass@k; returns the metrics."""
+        start = time.perf_counter()
+        state = self._new_state(is_validation=True, batch=self.val_tasks)
+        await self.backend.on_validation_start(state)
+        await self.runner.call("on_validation_start", trainer=self)
+        size = self.config.data.val_batch_size or len(self.val_tasks) or 1
+        episodes: list[Episode] = []
+        for i in range(0, len(self.val_tasks), size):
+            chunk = self.val_tasks[i : i + size]
+            episodes.extend(await self.backend.generate_episodes(chunk, self.workflow_engine, is_validation=True))
+        state.episodes = episodes
+        metrics = validation_metrics(episodes, self.config.rollout.n_val, self.config.data.data_source_key)
+        metrics["val/time"] = time.perf_counter() - start
+        state.metrics = metrics
+        self.val_metrics = metrics
+        await self.backend.on_validation_end(state)
+        await self.runner.call("on_validation_end", trainer=self, metrics=metrics)
+        self.logger.log_metrics(self.step, metrics)
+        return metrics
+
+    # -- sync mode ----------------------------------------------------------------------------
+
+    async def _fit_sync_mode(self) -> None:
+        while not self._should_stop():
+            before = self.loader.state_dict()
+            item = self.loader.next_batch()
+            if item is None:
+                break
+            epoch, batch = item
+            await self._epoch_start(epoch)
+            try:
+                await self._sync_step(epoch, batch)
+            except asyncio.CancelledError:
+                if not self._in_update:
+                    self.loader.load_state_dict(before)  # the abandoned batch is redone on resume
+                raise
+            if self.loader.epoch != epoch or self.loader.finished:
+                await self._epoch_end(epoch)
+            await self._after_step()
+
+    async def _sync_step(self, epoch: int, batch: list[dict[str, Any]]) -> None:
+        step_start = time.perf_counter()
+        state = self._new_state(epoch=epoch, batch=batch)
+        await self._batch_start(state)
+        episodes = await self.backend.generate_episodes(batch, self.workflow_engine, is_validation=False)
+        gen_time = time.perf_counter() - step_start
+        metrics = await self._train_on(state, episodes)
+        self.step += 1
+        await self._publish(state)
+        busy_train = metrics.get("time/train", 0.0)
+        total = time.perf_counter() - step_start
+        metrics["time/generate"] = gen_time
+        metrics["timing/gen_idle_frac"] = 1.0 - gen_time / total if total > 0 else 0.0
+        metrics["timing/train_idle_frac"] = 1.0 - busy_train / total if total > 0 else 0.0
+        await self._finish_step(state, metrics, step_start)
+
+    # -- async mode ---------------------------------------------------------------------------
+
+    async def _generation_loop(self, coord: Coordinator) -> None:
+        running: set[asyncio.Task] = set()
+
+        async def run_one(epoch: int, pos: int, task: dict[str, Any]) -> None:
+            try:
+                episodes = await self.backend.generate_episodes([task], self.workflow_engine, is_validation=False)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("generate_episodes failed for task %s: %r", task.get(self.config.data.id_key), exc)
+                self.workflow_engine._count("async/generate_failures")
+                await coord.abandon((epoch, pos))
+                return
+            await coord.complete(TaskResult(epoch, pos, episodes))
+
+        def items():
+            for epoch, pos in self._pending:
+                yield epoch, pos, self.loader.task_at(epoch, pos)
+            while (nxt := self.loader.next_task()) is not None:
+                yield nxt
+
+        last_epoch: int | None = None
+        try:
+            for epoch, pos, task in items():
+                if last_epoch is not None and epoch != last_epoch:
+                    await self._epoch_end(last_epoch)
+                if epoch != last_epoch:
+                    await self._epoch_start(epoch)
+                    last_epoch = epoch
+                await coord.admit((epoch, pos))
+                t = asyncio.create_task(run_one(epoch, pos, task))
+                running.add(t)
+                t.add_done_callback(running.discard)
+            if running:
+                await asyncio.gather(*list(running))
+            if last_epoch is not None:
+                await self._epoch_end(last_epoch)
+        finally:
+            for t in list(running):
+                t.cancel()
+            await coord.finish_generation()
+
+    async def _fit_async_mode(self) -> None:
+        cfg = self.config.async_
+        batch_size = self.config.data.train_batch_size
+        coord = Coordinator(batch_size, cfg.max_staleness, cfg.sync_every, cfg.partial_rollout, start_step=self.step)
+        gen_task = asyncio.create_task(self._generation_loop(coord))
+        last_end = time.perf_counter()
+        last_gen_busy = 0.0
+        try:
+            while not self._should_stop():
+                wait_start = time.perf_counter()
+                results, dropped = await coord.take(self.weight_version)
+                waited = time.perf_counter() - wait_start
+                if gen_task.done() and not gen_task.cancelled() and gen_task.exception() is not None:
+                    raise gen_task.exception()  # type: ignore[misc]
+                if not results:
+                    break
+                step_start = time.perf_counter()
+                episodes = [e for r in results for e in r.episodes]
+                epoch = min(r.epoch for r in results)
+                batch = [r.episodes[0].task if r.episodes else None for r in results]
+                state = self._new_state(epoch=epoch, batch=batch)
+                await self._batch_start(state)
+                metrics = await self._train_on(state, episodes)
+                self.step += 1
+                drain = 0.0
+                if self.step - coord.synced_step >= cfg.sync_every:
+                    drain = await self._sync(coord, state)
+                self._pending = coord.pending_keys()
+                now = time.perf_counter()
+                interval = now - last_end
+                gen_busy = coord.gen_busy_time()
+                metrics["time/generate"] = gen_busy - last_gen_busy
+                metrics["time/wait_for_episodes"] = waited
+                metrics["time/drain"] = drain
+                metrics["timing/gen_idle_frac"] = (
+                    max(0.0, 1.0 - (gen_busy - last_gen_busy) / interval) if interval else 0.0
+                )
+                metrics["timing/train_idle_frac"] = min(1.0, (waited + drain) / interval) if interval else 0.0
+                metrics["async/dropped_stale"] = float(dropped)
+                metrics["async/queued"] = float(len(coord.queue))
+                metrics["async/in_flight"] = float(len(coord.in_flight))
+                last_end, last_gen_busy = now, gen_busy
+                await self._finish_step(state, metrics, step_start - waited)
+                await self._after_step()
+        finally:
+            gen_task.cancel()
+            await asyncio.gather(gen_task, return_exceptions=True)
+            self._pending = coord.pending_keys() if self._should_stop() else []
+        # Generation is over, so nothing needs draining: push the last update directly.
+        await self._publish(self._new_state())
+
+    async def _sync(self, coord: Coordinator, state: TrainerState) -> float:
+        if self.weight_version == self.served_version:
+            coord.synced_step = self.step  # nothing to push (no update since the last sync)
+            async with coord._cond:
+                coord._cond.notify_all()
+            return 0.0
+        return await coord.sync(self.step, lambda: self._publish(state))

@@ -1,0 +1,335 @@
+"""Workflows and the engine that runs them over tasks.
+
+A workflow is user code that plays one rollout of one task::
+
+    async def solve(task: dict, engine) -> Episode | Trajectory | list[Trajectory]: ...
+
+or a subclass of :class:`Workflow` implementing ``async def run(self, task, engine)``. Extra
+keyword arguments come from ``workflow.args`` (a class gets them in its constructor, once per
+episode, so instances may hold per-episode state; a function gets them as keyword arguments).
+
+:class:`WorkflowEngine` runs ``rollout.n`` rollouts per task (``rollout.n_val`` in validation)
+with a concurrency limit, a per-episode timeout and retries, and turns whatever happens into an
+:class:`Episode`: a workflow that raises, hangs past its timeout or returns something that is not
+an episode gives an episode with termination reason ``error``/``timeout`` and the traceback in
+``info["error"]``; training goes on. It fills ``task``, ``task_id`` (``task[data.id_key]``, which
+the data loader sets to the row index when missing) and ``rollout_idx``, and applies the
+configured reward function to trajectories whose ``reward`` is None. A reward function that raises
+or exceeds ``reward.timeout`` scores 0 and is counted, never a crash. Counters of such events are
+kept in :attr:`WorkflowEngine.counters` and drained by the trainer once per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import traceback
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from rllm_core.engine import RolloutEngine, SamplingEngine
+from rllm_core.types import Episode, RewardOutput, TerminationReason, Trajectory
+
+if TYPE_CHECKING:
+    from rllm_core.config import RLLMConfig
+
+__all__ = ["Workflow", "WorkflowEngine", "resolve_reward", "resolve_workflow"]
+
+
+class Workflow:
+    """Base class for class-based workflows; one instance per episode, built with ``workflow.args``."""
+
+    def __init__(self, **args: Any) -> None:
+        self.args = args
+
+    async def run(self, task: dict[str, Any], engine: SamplingEngine) -> Episode | Trajectory | list[Trajectory]:
+        raise NotImplementedError(f"{type(self).__name__} must implement async run(task, engine)")
+
+
+def _accepted_kwargs(fn: Callable[..., Any], args: Mapping[str, Any], where: str, skip: int) -> dict[str, Any]:
+    """The subset of ``args`` ``fn`` accepts; unknown keys are an error naming ``where``."""
+    if not args:
+        return {}
+    try:
+        params = list(inspect.signature(fn).parameters.values())[skip:]
+    except (TypeError, ValueError):
+        return dict(args)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return dict(args)
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = sorted(set(args) - names)
+    if unknown:
+        from rllm_core.config import ConfigError
+
+        raise ConfigError(
+            f"{where}.{unknown[0]}: {getattr(fn, '__qualname__', fn)!s} accepts no argument {unknown[0]!r}; "
+            f"it accepts: {', '.join(sorted(names)) or '(none)'}"
+        )
+    return dict(args)
+
+
+def resolve_workflow(spec: Any, args: Mapping[str, Any] | None = None) -> Callable[[dict, SamplingEngine], Any]:
+    """A callable ``(task, engine) -> awaitable`` for a registered name, ``module:attr`` or object."""
+    args = dict(args or {})
+    obj = spec
+    if isinstance(spec, str):
+        from rllm_core.plugins import get_registry
+
+        obj = get_registry().resolve("workflow", spec)
+    if inspect.isclass(obj):
+        init_kwargs = _accepted_kwargs(obj.__init__, args, "workflow.args", skip=1)
+        if not callable(getattr(obj, "run", None)):
+            raise TypeError(f"workflow class {obj.__name__} has no run(task, engine) method")
+
+        async def run_class(task: dict, engine: SamplingEngine) -> Any:
+            return await obj(**init_kwargs).run(task, engine)
+
+        run_class.__qualname__ = obj.__qualname__
+        return run_class
+    if isinstance(obj, Workflow):
+        return obj.run
+    if not callable(obj):
+        raise TypeError(f"workflow {spec!r} is neither a function nor a Workflow class")
+    kwargs = _accepted_kwargs(obj, args, "workflow.args", skip=2)
+
+    async def run_fn(task: dict, engine: SamplingEngine) -> Any:
+        result = obj(task, engine, **kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    run_fn.__qualname__ = getattr(obj, "__qualname__", repr(obj))
+    return run_fn
+
+
+def resolve_reward(spec: Any, args: Mapping[str, Any] | None = None) -> Callable[..., Any] | None:
+    """The reward function for a registered name, ``module:attr`` or callable (None: no reward fn)."""
+    if spec is None:
+        return None
+    fn = spec
+    if isinstance(spec, str):
+        from rllm_core.plugins import get_registry
+
+        fn = get_registry().resolve("reward", spec)
+    if not callable(fn):
+        raise TypeError(f"reward {spec!r} is not callable")
+    kwargs = _accepted_kwargs(fn, dict(args or {}), "reward.args", skip=2)
+    if not kwargs:
+        return fn
+
+    def bound(task: Any, action: Any) -> Any:
+        return fn(task, action, **kwargs)
+
+    bound._rllm_async = inspect.iscoroutinefunction(fn)  # type: ignore[attr-defined]
+    return bound
+
+
+def _error_text(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+class WorkflowEngine:
+    """Runs a workflow over tasks; what ``Backend.generate_episodes`` calls.
+
+    ``workflow`` is a registered name, ``module:attr``, function, class or instance; when None it
+    is taken from ``config.workflow.name``. ``reward_fn`` likewise (default ``config.reward.name``).
+    """
+
+    def __init__(
+        self,
+        workflow: Any,
+        config: RLLMConfig,
+        engine: RolloutEngine,
+        reward_fn: Any = None,
+    ) -> None:
+        self.config = config
+        wf_cfg = config.workflow
+        spec = workflow if workflow is not None else wf_cfg.name
+        if spec is None:
+            from rllm_core.config import ConfigError
+
+            raise ConfigError("workflow.name: no workflow configured; set a registered name or 'module:attr'")
+        self.workflow_name = spec if isinstance(spec, str) else getattr(spec, "__qualname__", repr(spec))
+        self._run = resolve_workflow(spec, wf_cfg.args)
+        self.reward_fn = resolve_reward(reward_fn if reward_fn is not None else config.reward.name, config.reward.args)
+        self._reward_is_async = bool(
+            self.reward_fn is not None
+            and (inspect.iscoroutinefunction(self.reward_fn) or getattr(self.reward_fn, "_rllm_async", False))
+        )
+        self.engine = engine
+        self.train_engine = SamplingEngine(engine, config.rollout.train_sampling, is_validation=False)
+        self.val_engine = SamplingEngine(engine, config.rollout.val_sampling, is_validation=True)
+        self._semaphore: asyncio.Semaphore | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self.counters: dict[str, float] = {}
+        """Event counts since the last :meth:`pop_counters` (retries, reward failures...)."""
+
+    # -- public API -----------------------------------------------------------------------
+
+    async def execute_tasks(self, tasks: Sequence[dict[str, Any]], is_validation: bool = False) -> list[Episode]:
+        """All rollouts of all ``tasks`` (``n`` or ``n_val`` each), in task then rollout order."""
+        results = await asyncio.gather(*(self.run_task(t, is_validation=is_validation) for t in tasks))
+        return [ep for eps in results for ep in eps]
+
+    async def run_task(self, task: dict[str, Any], is_validation: bool = False, n: int | None = None) -> list[Episode]:
+        """The ``n`` rollouts of one task (the unit the async loop streams)."""
+        if n is None:
+            n = self.config.rollout.n_val if is_validation else self.config.rollout.n
+        return list(await asyncio.gather(*(self.run_episode(task, i, is_validation) for i in range(n))))
+
+    async def stream(
+        self, tasks: Sequence[dict[str, Any]], is_validation: bool = False
+    ) -> AsyncIterator[list[Episode]]:
+        """Yield each task's rollouts as soon as they are all complete (completion order)."""
+        pending = {asyncio.ensure_future(self.run_task(t, is_validation=is_validation)) for t in tasks}
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for fut in done:
+                    yield fut.result()
+        finally:
+            for fut in pending:
+                fut.cancel()
+
+    async def run_episode(self, task: dict[str, Any], rollout_idx: int, is_validation: bool = False) -> Episode:
+        """One rollout, with timeout, retries and reward; never raises unless ``raise_on_error``."""
+        cfg = self.config.workflow
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(cfg.max_concurrency)
+        engine = self.val_engine if is_validation else self.train_engine
+        attempt = 0
+        while True:
+            async with self._semaphore:
+                episode = await self._attempt(task, engine)
+            if episode.termination_reason is not TerminationReason.ERROR or attempt >= cfg.retries:
+                break
+            attempt += 1
+            self._count("workflow/retries")
+        episode.task = task
+        episode.task_id = self.task_id(task)
+        episode.rollout_idx = rollout_idx
+        if attempt:
+            episode.info["attempts"] = attempt + 1
+        if episode.termination_reason not in (TerminationReason.ERROR, TerminationReason.TIMEOUT):
+            await self._apply_reward(task, episode)
+        return episode
+
+    def task_id(self, task: Any) -> str:
+        key = self.config.data.id_key
+        if isinstance(task, Mapping) and task.get(key) is not None:
+            return str(task[key])
+        return str(id(task))  # only for tasks that bypassed the data loader, which always sets it
+
+    def pop_counters(self) -> dict[str, float]:
+        counters, self.counters = self.counters, {}
+        return counters
+
+    def close(self) -> None:
+        if self._pool is not None:
+            # A hung reward thread cannot be killed; do not wait for it.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _count(self, key: str, value: float = 1.0) -> None:
+        self.counters[key] = self.counters.get(key, 0.0) + value
+
+    async def _attempt(self, task: dict[str, Any], engine: SamplingEngine) -> Episode:
+        cfg = self.config.workflow
+        try:
+            if cfg.timeout is not None:
+                result = await asyncio.wait_for(self._run(task, engine), cfg.timeout)
+            else:
+                result = await self._run(task, engine)
+        except asyncio.TimeoutError:
+            if cfg.raise_on_error:
+                raise
+            self._count("workflow/timeouts")
+            return Episode(
+                termination_reason=TerminationReason.TIMEOUT,
+                info={"error": f"workflow {self.workflow_name} exceeded workflow.timeout={cfg.timeout}s"},
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if cfg.raise_on_error:
+                raise
+            self._count("workflow/errors")
+            return Episode(termination_reason=TerminationReason.ERROR, info={"error": _error_text(exc)})
+        try:
+            return self._normalise(result)
+        except TypeError as exc:
+            if cfg.raise_on_error:
+                raise
+            self._count("workflow/malformed")
+            return Episode(termination_reason=TerminationReason.ERROR, info={"error": str(exc)})
+
+    def _normalise(self, result: Any) -> Episode:
+        if isinstance(result, Episode):
+            if not all(isinstance(t, Trajectory) for t in result.trajectories):
+                raise TypeError(f"workflow {self.workflow_name} returned an Episode with non-Trajectory items")
+            result.info.setdefault("_derive_correct", False)
+            return result
+        if isinstance(result, Trajectory):
+            trajectories = [result]
+        elif isinstance(result, list | tuple) and result and all(isinstance(t, Trajectory) for t in result):
+            trajectories = list(result)
+        else:
+            raise TypeError(
+                f"workflow {self.workflow_name} returned {type(result).__name__}; "
+                "expected Episode, Trajectory or a non-empty list of Trajectory"
+            )
+        done = trajectories[-1].steps and trajectories[-1].steps[-1].done
+        return Episode(
+            trajectories=trajectories,
+            termination_reason=TerminationReason.ENV_DONE if done else TerminationReason.UNKNOWN,
+            info={"_derive_correct": True},
+        )
+
+    async def _apply_reward(self, task: dict[str, Any], episode: Episode) -> None:
+        derive = episode.info.pop("_derive_correct", True)
+        correct: list[bool] = []
+        if self.reward_fn is not None:
+            for traj in episode.trajectories:
+                if traj.reward is not None or not traj.steps:
+                    continue
+                last = traj.steps[-1]
+                action = last.action if last.action is not None else last.model_response
+                reward, is_correct = await self._score(task, action, episode)
+                traj.reward = reward
+                correct.append(is_correct)
+        if correct:
+            episode.is_correct = any(correct)
+        elif derive and episode.trajectories:
+            episode.is_correct = sum(t.total_reward for t in episode.trajectories) > 0
+
+    async def _score(self, task: dict[str, Any], action: Any, episode: Episode) -> tuple[float, bool]:
+        timeout = self.config.reward.timeout
+        fn = self.reward_fn
+        assert fn is not None
+        try:
+            if self._reward_is_async:
+                out = await asyncio.wait_for(fn(task, action), timeout)
+            else:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="rllm-reward")
+                loop = asyncio.get_running_loop()
+                out = await asyncio.wait_for(loop.run_in_executor(self._pool, fn, task, action), timeout)
+                if inspect.isawaitable(out):
+                    out = await asyncio.wait_for(out, timeout)
+            if isinstance(out, RewardOutput):
+                reward = float(out.reward)
+                return reward, out.is_correct if out.is_correct is not None else reward > 0
+            reward = float(out)
+            return reward, reward > 0
+        except asyncio.TimeoutError:
+            self._count("reward/timeouts")
+            episode.info["reward_error"] = f"reward function exceeded reward.timeout={timeout}s"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._count("reward/errors")
+            episode.info["reward_error"] = _error_text(exc)
+        return 0.0, False

@@ -1,0 +1,135 @@
+"""Faults in user code never kill training; each is counted in the step metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from rllm_core.hookspecs import hookimpl
+from rllm_core.loggers import Logger
+from rllm_core.plugins import registered
+from rllm_core.testing import simulated_config, simulated_workflow
+from rllm_core.trainer import UnifiedTrainer
+from rllm_core.types import TerminationReason
+
+
+def _metrics(tmp_path):
+    return [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def _sum(rows, key):
+    return sum(r.get(key, 0.0) for r in rows)
+
+
+async def faulty_workflow(task, engine):
+    """Every fourth task raises, hangs, or returns garbage; the rest work."""
+    kind = int(task["id"][1:]) % 4
+    if kind == 1:
+        raise ValueError("workflow bug")
+    if kind == 2:
+        await asyncio.sleep(10)
+    if kind == 3:
+        return {"not": "an episode"}
+    return await simulated_workflow(task, engine)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_workflow_faults_become_counted_error_episodes(tmp_path, mode):
+    cfg = simulated_config(
+        tmp_path,
+        loggers={"jsonl": {}},
+        trainer={"mode": mode},
+        workflow={"name": "x", "timeout": 0.05},
+        rollout={"n": 2},
+    )
+    trainer = UnifiedTrainer(cfg, workflow=faulty_workflow)
+    trainer.fit()
+    rows = _metrics(tmp_path)
+    assert trainer.step == 8
+    assert _sum(rows, "workflow/errors") == 8 * 2
+    assert _sum(rows, "workflow/timeouts") == 8 * 2
+    assert _sum(rows, "workflow/malformed") == 8 * 2
+    assert _sum(rows, "train/episodes/termination/error") == 16 * 2
+    assert _sum(rows, "train/episodes/termination/timeout") == 8 * 2
+    # A batch whose episodes all failed has no group to train on: that step skips its update.
+    assert trainer.backend.updates == 8 - _sum(rows, "train/skipped_updates") > 0
+    episodes = [json.loads(x) for x in (tmp_path / "episodes.jsonl").read_text().splitlines()]
+    errors = [e for e in episodes if e["termination_reason"] == TerminationReason.ERROR.value]
+    assert any("ValueError: workflow bug" in e["info"]["error"] for e in errors)
+
+
+def test_reward_that_raises_or_hangs_scores_zero_and_is_counted(tmp_path):
+    def reward(task, action):
+        n = int(task["id"][1:])
+        if n % 3 == 1:
+            raise RuntimeError("reward bug")
+        if n % 3 == 2:
+            time.sleep(0.5)
+        return 1.0
+
+    cfg = simulated_config(
+        tmp_path,
+        loggers={"jsonl": {}},
+        reward={"name": "x", "timeout": 0.05},
+        trainer={"total_steps": 3},
+        rollout={"n": 2},
+    )
+    trainer = UnifiedTrainer(cfg, reward_fn=reward)
+    trainer.fit()
+    rows = _metrics(tmp_path)
+    tasks = [t for r in trainer.backend.trained for t in r["batch_ids"]]
+    expect_err = sum(int(t[1:]) % 3 == 1 for t in tasks) * 2
+    expect_to = sum(int(t[1:]) % 3 == 2 for t in tasks) * 2
+    assert expect_err and expect_to
+    assert _sum(rows, "reward/errors") == expect_err
+    assert _sum(rows, "reward/timeouts") == expect_to
+    good = sum(int(t[1:]) % 3 == 0 for t in tasks) * 2
+    assert _sum(rows, "train/correct_frac") * 8 == pytest.approx(good)
+
+
+class _BrokenLogger(Logger):
+    def log_metrics(self, step, metrics):
+        if step >= 2:
+            raise OSError("log server down")
+
+
+def test_logger_that_raises_is_disabled_and_training_goes_on(tmp_path):
+    class Plugin:
+        @hookimpl
+        def register_loggers(self, register):
+            register("broken", _BrokenLogger)
+
+    with registered(Plugin()):
+        cfg = simulated_config(tmp_path, loggers={"broken": {}, "jsonl": {}})
+        trainer = UnifiedTrainer(cfg)
+        with pytest.warns(RuntimeWarning, match="broken"):
+            trainer.fit()
+    rows = _metrics(tmp_path)
+    assert trainer.step == 8 and len(rows) == 8
+    assert rows[-1]["loggers/failures"] == 1.0
+    assert "broken" not in trainer.logger.loggers
+
+
+def test_hook_that_raises_is_counted(tmp_path):
+    class Bad:
+        def __init__(self, settings):
+            pass
+
+        @hookimpl
+        def on_batch_end(self, trainer, metrics):
+            raise RuntimeError("hook bug")
+
+    class Plugin:
+        @hookimpl
+        def register_hooks(self, register):
+            register("bad", Bad)
+
+    with registered(Plugin()):
+        trainer = UnifiedTrainer(simulated_config(tmp_path, hooks={"bad": {}}, loggers={"jsonl": {}}))
+        with pytest.warns(RuntimeWarning, match="hook bug"):
+            trainer.fit()
+    assert trainer.step == 8 and trainer.runner.failures == {"bad.on_batch_end": 8}
+    assert _metrics(tmp_path)[-1]["hooks/failures"] == 7.0  # counted before the step's own call

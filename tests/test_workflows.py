@@ -1,0 +1,165 @@
+"""The workflow engine: rollouts per task, ids, concurrency, retries, rewards, normalisation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from rllm_core.config import ConfigError
+from rllm_core.hookspecs import hookimpl
+from rllm_core.plugins import registered
+from rllm_core.testing import SimulatedBackend, simulated_config
+from rllm_core.types import Episode, RewardOutput, Step, TerminationReason, Trajectory
+from rllm_core.workflows import Workflow, WorkflowEngine
+
+
+def _engine(tmp_path, wf, reward=None, **sections):
+    cfg = simulated_config(tmp_path, **sections)
+    backend = SimulatedBackend(cfg)
+    return WorkflowEngine(wf, cfg, backend.init_rollout_engine(), reward_fn=reward)
+
+
+async def answer_wf(task, engine):
+    messages = [{"role": "user", "content": task["question"]}]
+    out = await engine.get_model_response(messages)
+    return Trajectory(steps=[Step.from_model_output(out, messages, action=out.content)])
+
+
+TASKS = [
+    {"id": "a|b#1", "question": "What is 1+2?", "answer": "3"},
+    {"id": "x", "question": "What is 1+2?", "answer": "3"},
+]
+
+
+def test_n_rollouts_per_task_with_ids_and_rewards(tmp_path):
+    eng = _engine(tmp_path, answer_wf, reward="simulated", rollout={"n": 3})
+    episodes = asyncio.run(eng.execute_tasks(TASKS))
+    assert [(e.task_id, e.rollout_idx) for e in episodes] == [("a|b#1", i) for i in range(3)] + [
+        ("x", i) for i in range(3)
+    ]
+    for e in episodes:
+        assert e.task is not None and e.trajectories[0].reward in (0.0, 1.0)
+        assert e.is_correct == (e.trajectories[0].reward > 0)
+    validation = asyncio.run(eng.execute_tasks(TASKS, is_validation=True))
+    assert len(validation) == 2  # n_val defaults to 1
+    assert all(s.weight_version == 0 for e in episodes for t in e.trajectories for s in t.steps)
+
+
+def test_reward_output_sets_is_correct_and_async_reward_works(tmp_path):
+    async def reward(task, action):
+        return RewardOutput(reward=0.5, is_correct=False)
+
+    episodes = asyncio.run(_engine(tmp_path, answer_wf, reward=reward, rollout={"n": 2}).execute_tasks(TASKS[:1]))
+    assert all(e.trajectories[0].reward == 0.5 and not e.is_correct for e in episodes)
+
+
+def test_reward_left_alone_when_workflow_set_it(tmp_path):
+    async def wf(task, engine):
+        return Episode(trajectories=[Trajectory(reward=2.0, steps=[Step(action="zzz")])], is_correct=True)
+
+    calls = []
+
+    def reward(task, action):
+        calls.append(action)
+        return 0.0
+
+    (ep,) = asyncio.run(_engine(tmp_path, wf, reward=reward, rollout={"n": 1}).execute_tasks(TASKS[:1]))
+    assert ep.trajectories[0].reward == 2.0 and ep.is_correct and calls == []
+
+
+def test_class_workflow_gets_args_and_a_fresh_instance_per_episode(tmp_path):
+    instances = []
+
+    class Wf(Workflow):
+        def __init__(self, greeting: str):
+            super().__init__(greeting=greeting)
+            self.greeting = greeting
+            instances.append(self)
+
+        async def run(self, task, engine):
+            return Trajectory(steps=[Step(action=self.greeting)])
+
+    eng = _engine(tmp_path, Wf, workflow={"name": "x", "args": {"greeting": "hi"}}, rollout={"n": 3})
+    episodes = asyncio.run(eng.execute_tasks(TASKS[:1]))
+    assert len(instances) == 3 and len({id(i) for i in instances}) == 3
+    assert all(e.trajectories[0].steps[0].action == "hi" for e in episodes)
+
+
+def test_function_workflow_args_and_unknown_arg_error(tmp_path):
+    async def wf(task, engine, turns=1):
+        return [Trajectory(name=f"r{i}") for i in range(turns)]
+
+    eng = _engine(tmp_path, wf, workflow={"name": "x", "args": {"turns": 2}}, rollout={"n": 1})
+    (ep,) = asyncio.run(eng.execute_tasks(TASKS[:1]))
+    assert [t.name for t in ep.trajectories] == ["r0", "r1"]
+    with pytest.raises(ConfigError, match=r"workflow\.args\.colour"):
+        _engine(tmp_path, wf, workflow={"name": "x", "args": {"colour": 2}})
+
+
+def test_workflow_by_registered_name_and_module_path(tmp_path):
+    class Plugin:
+        @hookimpl
+        def register_workflows(self, register):
+            register("answer", answer_wf)
+
+    with registered(Plugin()):
+        eng = _engine(tmp_path, None, workflow={"name": "answer"}, rollout={"n": 1})
+        assert len(asyncio.run(eng.execute_tasks(TASKS))) == 2
+    eng = _engine(tmp_path, None, workflow={"name": "rllm_core.testing:simulated_workflow"}, rollout={"n": 1})
+    assert len(asyncio.run(eng.execute_tasks(TASKS))) == 2
+    with pytest.raises(ConfigError, match=r"workflow\.name"):
+        _engine(tmp_path, None, workflow={"name": None})
+
+
+def test_concurrency_limit(tmp_path):
+    running = peak = 0
+
+    async def wf(task, engine):
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.005)
+        running -= 1
+        return Trajectory(steps=[Step()])
+
+    eng = _engine(tmp_path, wf, workflow={"name": "x", "max_concurrency": 3}, rollout={"n": 5})
+    assert len(asyncio.run(eng.execute_tasks(TASKS))) == 10
+    assert peak == 3
+
+
+def test_retries_recover_a_flaky_workflow(tmp_path):
+    attempts = {}
+
+    async def flaky(task, engine):
+        attempts[task["id"]] = attempts.get(task["id"], 0) + 1
+        if attempts[task["id"]] < 3:
+            raise RuntimeError("flaky")
+        return Trajectory(steps=[Step()])
+
+    eng = _engine(tmp_path, flaky, workflow={"name": "x", "retries": 2}, rollout={"n": 1})
+    (ep,) = asyncio.run(eng.execute_tasks(TASKS[:1]))
+    assert ep.termination_reason is not TerminationReason.ERROR and ep.info["attempts"] == 3
+    assert eng.pop_counters() == {"workflow/errors": 2.0, "workflow/retries": 2.0}
+
+
+def test_raise_on_error_reraises(tmp_path):
+    async def bad(task, engine):
+        raise KeyError("boom")
+
+    eng = _engine(tmp_path, bad, workflow={"name": "x", "raise_on_error": True}, rollout={"n": 1})
+    with pytest.raises(KeyError):
+        asyncio.run(eng.execute_tasks(TASKS[:1]))
+
+
+def test_stream_yields_each_task_when_complete(tmp_path):
+    async def wf(task, engine):
+        await asyncio.sleep(0.03 if task["id"] == "a|b#1" else 0.0)
+        return Trajectory(steps=[Step()])
+
+    eng = _engine(tmp_path, wf, rollout={"n": 2})
+
+    async def collect():
+        return [[e.task_id for e in eps] async for eps in eng.stream(TASKS)]
+
+    assert asyncio.run(collect()) == [["x", "x"], ["a|b#1", "a|b#1"]]
