@@ -314,7 +314,6 @@ class UnifiedTrainer:
         from rllm_core.advantages import filter_groups
 
         state.episodes = episodes
-        metrics = episode_metrics(episodes, "train")
         if self.runner.has("postprocess_opsd"):
             await asyncio.gather(
                 *(
@@ -322,6 +321,7 @@ class UnifiedTrainer:
                     for e in episodes
                 )
             )
+        metrics = episode_metrics(episodes, "train")  # after post-processing: it may add episode metrics
         groups = await self.group_episodes(episodes)
         groups, filter_metrics = filter_groups(groups, self.config.algorithm.filter)
         metrics.update(filter_metrics)

@@ -98,7 +98,7 @@ def test_trajectory_round_trip_keeps_reward_none():
 def test_logprobs_length_mismatch_is_a_validation_error():
     with pytest.raises(ValidationError, match="logprobs has 2 entries but response_ids has 3"):
         Step(response_ids=[1, 2, 3], logprobs=[-0.1, -0.2])
-    with pytest.raises(ValidationError, match="logprobs"):
+    with pytest.raises(ValueError, match="logprobs"):
         Step.from_model_output(ModelOutput(completion_ids=[1], logprobs=[-0.1, -0.2]), [])
 
 
@@ -234,3 +234,29 @@ def test_trajectory_group_dump_leaves_out_episodes():
     group = TrajectoryGroup(task_id="t", role="solver", trajectories=[Trajectory()], episodes=[Episode()])
     assert "episodes" not in group.model_dump()
     assert group.group_id == ("t", "solver")
+
+
+def test_from_model_output_fast_path_equals_the_validated_step():
+    out = ModelOutput(text="t", content="c", prompt_ids=[1, 2], completion_ids=[3, 4], logprobs=[-0.1, -0.2])
+    msgs = [{"role": "user", "content": "q"}]
+    fast = Step.from_model_output(out, msgs, action="a")
+    full = Step(
+        prompt_ids=[1, 2],
+        response_ids=[3, 4],
+        logprobs=[-0.1, -0.2],
+        chat_completions=msgs,
+        model_response="c",
+        action="a",
+        finish_reason=None,
+    )
+    assert fast.model_dump() == full.model_dump()
+    assert set(Step.model_fields) == set(fast.__dict__)
+    assert Step.model_validate_json(fast.model_dump_json()).model_dump() == fast.model_dump()
+    fast.reward = 1.0
+    assert fast.model_dump()["reward"] == 1.0
+
+
+def test_from_model_output_rejects_mismatched_logprobs():
+    out = ModelOutput(completion_ids=[3, 4], logprobs=[-0.1])
+    with pytest.raises(ValueError, match="logprobs has 1 entries but response_ids has 2"):
+        Step.from_model_output(out, [])

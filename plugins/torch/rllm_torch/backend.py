@@ -1,0 +1,449 @@
+"""``TorchBackend``: the local backend (transformers + torch in one process, CPU or one GPU).
+
+What one training step reduces to::
+
+    rows  = every (prompt_ids, response_ids) step of every kept group
+    old   = the sampler's logprobs of the response tokens (recomputed when missing)
+    loss  = sum_t w_t * policy_loss(logp_t, old_t, A_t)      (losses.py: weights = agg mode)
+    AdamW step on the policy (grad clipped), lr from the schedule
+
+Sync mode shares one model between sampler and trainer. Async mode (or ``separate_sampler``)
+gives the sampler its own copy, which ``on_policy_updated`` refreshes at sync points, so
+generation (sampler thread) and training (trainer thread) run at the same time; torch releases
+the GIL inside its kernels, so the two threads really overlap.
+
+Checkpoints hold the policy as safetensors, optimiser and scheduler state, every RNG, the version,
+plus the model config and tokenizer so that :meth:`TorchBackend.export` can write a Hugging Face
+directory from a checkpoint alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import copy
+import json
+import math
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rllm_core.config import ConfigError, RLLMConfig
+from rllm_core.protocol import Backend, TrainerState
+from rllm_torch.config import TorchBackendConfig
+from rllm_torch.engine import SamplerRuntime, TorchRolloutEngine, _copy_weights
+from rllm_torch.losses import LOSSES, policy_loss, token_weights
+from rllm_torch.model import load_model_and_tokenizer, rebuild_from_checkpoint, write_meta
+from rllm_torch.sampling import score, token_logprobs
+
+__all__ = ["TorchBackend", "TrainBatch"]
+
+
+@dataclass
+class TrainBatch:
+    """Rows to train on; ``steps`` keep the link to the ``Step`` objects (advantages arrive later)."""
+
+    prompts: list[list[int]] = field(default_factory=list)
+    responses: list[list[int]] = field(default_factory=list)
+    old_logprobs: list[list[float] | None] = field(default_factory=list)
+    ref_logprobs: list[list[float]] | None = None
+    steps: list[Any] = field(default_factory=list)
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+class TorchBackend(Backend):
+    """The ``torch`` backend; see the module docstring."""
+
+    name = "torch"
+    config_model = TorchBackendConfig
+
+    def __init__(self, config: RLLMConfig) -> None:
+        super().__init__(config)
+        cfg = self.backend_config
+        if not isinstance(cfg, TorchBackendConfig):
+            from rllm_core.config import _validate_section
+
+            cfg = _validate_section(TorchBackendConfig, cfg, self.name)
+        self.cfg: TorchBackendConfig = cfg
+        self.backend_config = cfg
+        self.seed = cfg.seed if cfg.seed is not None else config.trainer.seed
+        async_mode = config.trainer.mode == "async"
+        self.separate_sampler = cfg.separate_sampler if cfg.separate_sampler is not None else async_mode
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(cfg.num_threads or (max(1, cores // 2) if self.separate_sampler else cores))
+        torch.manual_seed(self.seed)
+        random.seed(self.seed)
+
+        self.policy, self.tokenizer = load_model_and_tokenizer(cfg, self.seed)
+        self.policy.eval()  # dropout off: the sampler's and the trainer's logprobs must agree
+        self.device = next(self.policy.parameters()).device
+        sampler_model = copy.deepcopy(self.policy).requires_grad_(False) if self.separate_sampler else self.policy
+        self.runtime = SamplerRuntime(
+            sampler_model, self.tokenizer, seed=self.seed + 1, max_new_tokens=cfg.max_new_tokens
+        )
+        if config.algorithm.loss.kl_coef > 0:
+            self.runtime.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+
+        optim = config.algorithm.optim
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        self.updates = 0
+        self._train_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rllm-torch-train")
+        self._train_lock = threading.Lock()
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def _lr_lambda(self, step: int) -> float:
+        optim = self.config.algorithm.optim
+        if optim.warmup_steps and step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        total = self.config.trainer.total_steps or 1
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, total - optim.warmup_steps))
+        if optim.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def validate_config(self, config: RLLMConfig) -> None:
+        loss = config.algorithm.loss
+        if loss.name not in LOSSES:
+            raise ConfigError(f"algorithm.loss.name: the torch backend supports {', '.join(LOSSES)}; got {loss.name!r}")
+        if config.algorithm.optim.schedule != "constant" and not config.trainer.total_steps:
+            raise ConfigError(
+                f"algorithm.optim.schedule: {config.algorithm.optim.schedule!r} decays to 0 over "
+                "trainer.total_steps, which is not set"
+            )
+
+    def init_rollout_engine(self, **kwargs: Any) -> TorchRolloutEngine:
+        if self.rollout_engine is None:
+            self.rollout_engine = TorchRolloutEngine(
+                self.runtime,
+                window_s=self.cfg.gen_batch_window_ms / 1000.0,
+                max_batch=self.cfg.gen_max_batch,
+            )
+            self.rollout_engine.set_weight_version(self.runtime.version)
+        return self.rollout_engine  # type: ignore[return-value]
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    async def transform_to_backend_batch(self, state: TrainerState) -> TrainBatch:
+        batch = TrainBatch()
+        for group in state.groups:
+            for traj in group.trajectories:
+                for step in traj.steps:
+                    if not step.response_ids or not step.prompt_ids:
+                        batch.skipped += 1
+                        continue
+                    if not all(isinstance(t, int) for t in step.prompt_ids):
+                        raise TypeError("the torch backend trains on text only: Step.prompt_ids must be ints")
+                    batch.prompts.append(list(step.prompt_ids))
+                    batch.responses.append(list(step.response_ids))
+                    batch.old_logprobs.append(list(step.logprobs) if step.logprobs else None)
+                    batch.steps.append(step)
+        state.backend_batch = batch
+        state.metrics["actor/skipped_steps"] = float(batch.skipped)
+        return batch
+
+    async def process_backend_batch(self, state: TrainerState) -> None:
+        batch: TrainBatch = state.backend_batch
+        if batch is None or not len(batch):
+            return
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._train_executor, self._fill_logprobs, batch)
+
+    def _fill_logprobs(self, batch: TrainBatch) -> None:
+        with self._train_lock:
+            need = [i for i, lp in enumerate(batch.old_logprobs) if lp is None or self.cfg.recompute_old_logprobs]
+            for idx in self._chunks(need, batch):
+                lps = score(self.policy, [(batch.prompts[i], batch.responses[i]) for i in idx], pad_id=self._pad)
+                for i, lp in zip(idx, lps, strict=False):
+                    batch.old_logprobs[i] = lp
+            if self.config.algorithm.loss.kl_coef > 0 and self.runtime.reference is not None:
+                batch.ref_logprobs = [[] for _ in range(len(batch))]
+                for idx in self._chunks(list(range(len(batch))), batch):
+                    with self.runtime.lock:
+                        lps = score(
+                            self.runtime.reference,
+                            [(batch.prompts[i], batch.responses[i]) for i in idx],
+                            pad_id=self._pad,
+                        )
+                    for i, lp in zip(idx, lps, strict=False):
+                        batch.ref_logprobs[i] = lp
+
+    @property
+    def _pad(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def _chunks(self, idx: list[int], batch: TrainBatch) -> list[list[int]]:
+        """Split row indices into micro-batches whose padded size stays under the token budget."""
+        out: list[list[int]] = []
+        cur: list[int] = []
+        width = 0
+        for i in idx:
+            n = len(batch.prompts[i]) + len(batch.responses[i])
+            if cur and max(width, n) * (len(cur) + 1) > self.cfg.micro_batch_tokens:
+                out.append(cur)
+                cur, width = [], 0
+            cur.append(i)
+            width = max(width, n)
+        if cur:
+            out.append(cur)
+        return out
+
+    async def update_policy(self, state: TrainerState) -> None:
+        batch: TrainBatch = state.backend_batch
+        if batch is None:
+            batch = await self.transform_to_backend_batch(state)
+        if not len(batch):
+            state.metrics["actor/num_seqs"] = 0.0
+            return
+        if any(lp is None for lp in batch.old_logprobs):
+            await self.process_backend_batch(state)
+        advantages = [_advantage_list(s, len(r)) for s, r in zip(batch.steps, batch.responses, strict=False)]
+        loop = asyncio.get_running_loop()
+        metrics = await loop.run_in_executor(self._train_executor, self._train_step, batch, advantages)
+        state.metrics.update(metrics)
+
+    def _train_step(self, batch: TrainBatch, advantages: list[list[float]]) -> dict[str, float]:
+        loss_cfg = self.config.algorithm.loss
+        start = time.perf_counter()
+        lock = self.runtime.lock if not self.separate_sampler else _NULL_LOCK
+        with self._train_lock, lock:
+            self.policy.train()
+            self.optimizer.zero_grad(set_to_none=True)
+            weights = token_weights([len(r) for r in batch.responses], loss_cfg.agg_mode)
+            offsets = [0]
+            for r in batch.responses:
+                offsets.append(offsets[-1] + len(r))
+            sums: dict[str, float] = {}
+            n_tokens = 0
+            padded = 0
+            for idx in self._chunks(list(range(len(batch))), batch):
+                rows = [(batch.prompts[i], batch.responses[i]) for i in idx]
+                width = max(len(p) + len(r) for p, r in rows)
+                padded += width * len(rows)
+                ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
+                attn = torch.zeros_like(ids)
+                target_mask = torch.zeros((len(rows), width - 1), dtype=torch.bool)
+                for j, (p, r) in enumerate(rows):
+                    seq = p + r
+                    ids[j, : len(seq)] = torch.tensor(seq)
+                    attn[j, : len(seq)] = 1
+                    target_mask[j, len(p) - 1 : len(seq) - 1] = True
+                ids, attn, target_mask = ids.to(self.device), attn.to(self.device), target_mask.to(self.device)
+
+                def flat(values: list[list[float]], idx: list[int] = idx) -> torch.Tensor:
+                    return torch.tensor([v for i in idx for v in values[i]], dtype=torch.float32, device=self.device)
+
+                old = flat(batch.old_logprobs)  # type: ignore[arg-type]
+                adv = flat(advantages)
+                ref = flat(batch.ref_logprobs) if batch.ref_logprobs is not None else None
+                w = torch.cat([weights[offsets[i] : offsets[i + 1]] for i in idx]).to(self.device)
+
+                logits = self.policy(input_ids=ids, attention_mask=attn, use_cache=False).logits
+                sel = logits[:, :-1][target_mask]
+                logp = token_logprobs(sel, ids[:, 1:][target_mask])
+                loss_t, stats = policy_loss(
+                    logp,
+                    old,
+                    adv,
+                    name=loss_cfg.name,
+                    clip_low=loss_cfg.clip_low,
+                    clip_high=loss_cfg.clip_high,
+                    ref_logp=ref,
+                    kl_coef=loss_cfg.kl_coef,
+                )
+                if self.cfg.entropy_coef > 0:
+                    logsm = torch.log_softmax(sel.float(), dim=-1)
+                    entropy = -(logsm.exp() * logsm).sum(-1)
+                    loss_t = loss_t - self.cfg.entropy_coef * entropy
+                else:
+                    with torch.no_grad():
+                        logsm = torch.log_softmax(sel.detach().float(), dim=-1)
+                        entropy = -(logsm.exp() * logsm).sum(-1)
+                (loss_t * w).sum().backward()
+                with torch.no_grad():
+                    stats["entropy"] = entropy.detach()
+                    stats["loss"] = loss_t.detach()
+                    stats["approx_kl_old"] = (old - logp.detach()) ** 2 * 0.5
+                    for key, val in stats.items():
+                        sums[key] = sums.get(key, 0.0) + float(val.float().sum())
+                n_tokens += int(target_mask.sum())
+                del logits, sel
+            params = [p for p in self.policy.parameters() if p.requires_grad]
+            clip = self.config.algorithm.optim.grad_clip
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.updates += 1
+            self.policy.eval()
+        elapsed = time.perf_counter() - start
+        real_tokens = sum(len(p) + len(r) for p, r in zip(batch.prompts, batch.responses, strict=True))
+        metrics = {f"actor/{k}": v / max(1, n_tokens) for k, v in sums.items() if k not in ("clipped", "ratio")}
+        metrics["actor/ratio_mean"] = sums["ratio"] / max(1, n_tokens)
+        if "clipped" in sums:
+            metrics["actor/clip_frac"] = sums["clipped"] / max(1, n_tokens)
+        metrics.update(
+            {
+                "actor/grad_norm": float(grad_norm),
+                "actor/lr": lr,
+                "actor/num_seqs": float(len(batch)),
+                "actor/num_tokens": float(n_tokens),
+                "actor/pad_frac": 1.0 - real_tokens / padded,
+                "actor/tokens_per_s": real_tokens / elapsed,
+                "actor/update_s": elapsed,
+            }
+        )
+        return metrics
+
+    async def on_policy_updated(self, state: TrainerState, version: int) -> None:
+        if self.separate_sampler:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.runtime.executor, self._sync_sampler, version)
+        else:
+            self.runtime.version = version
+        if self.rollout_engine is not None:
+            self.rollout_engine.set_weight_version(version)
+
+    def _sync_sampler(self, version: int) -> None:
+        with self._train_lock, self.runtime.lock:
+            _copy_weights(self.runtime.model, self.policy)
+            self.runtime.version = version
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import save_model
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with self._train_lock, self.runtime.lock:
+            save_model(self.policy, str(path / "model.safetensors"))
+            if self.runtime.reference is not None:
+                save_model(self.runtime.reference, str(path / "reference.safetensors"))
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "updates": self.updates,
+                    "version": self.runtime.version,
+                },
+                path / "optimizer.pt",
+            )
+            torch.save(_rng_state(self.runtime.generator), path / "rng.pt")
+        write_meta(path, self.cfg, self.policy, self.tokenizer, {"updates": self.updates})
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_model
+
+        path = Path(path)
+        if not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(f"torch backend: {path} is not a checkpoint (no model.safetensors)")
+        with self._train_lock, self.runtime.lock:
+            load_model(self.policy, str(path / "model.safetensors"), device=str(self.device))
+            if self.separate_sampler:
+                _copy_weights(self.runtime.model, self.policy)
+            if (path / "reference.safetensors").is_file():
+                if self.runtime.reference is None:
+                    self.runtime.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+                load_model(self.runtime.reference, str(path / "reference.safetensors"), device=str(self.device))
+            state = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=False)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.updates = state["updates"]
+            self.runtime.version = state["version"]
+            _set_rng_state(torch.load(path / "rng.pt", weights_only=False), self.runtime.generator)
+        if self.rollout_engine is not None:
+            self.rollout_engine.set_weight_version(self.runtime.version)
+
+    @classmethod
+    def export(cls, checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+        """Write a Hugging Face model directory (config, safetensors weights, tokenizer) from a checkpoint.
+
+        ``checkpoint_dir`` is what :meth:`save_checkpoint` wrote, or a trainer checkpoint holding it
+        under ``backend/``. LoRA adapters are merged into the base weights.
+        """
+        from safetensors.torch import load_model
+
+        checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+        if not (checkpoint_dir / "backend.json").is_file() and (checkpoint_dir / "backend" / "backend.json").is_file():
+            checkpoint_dir = checkpoint_dir / "backend"  # a trainer checkpoint: the backend's part
+        if not (checkpoint_dir / "backend.json").is_file():
+            raise FileNotFoundError(f"{checkpoint_dir} is not a torch-backend checkpoint (no backend.json)")
+        model, tokenizer, cfg = rebuild_from_checkpoint(checkpoint_dir)
+        load_model(model, str(checkpoint_dir / "model.safetensors"))
+        if cfg.lora is not None:
+            model = model.merge_and_unload()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(out_dir))
+        (out_dir / "rllm_export.json").write_text(json.dumps({"from_checkpoint": str(checkpoint_dir)}))
+        return out_dir
+
+    async def shutdown(self) -> None:
+        self.runtime.shutdown()
+        self._train_executor.shutdown(wait=True)
+
+
+class _NullLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+_NULL_LOCK = _NullLock()
+
+
+def _advantage_list(step: Any, n: int) -> list[float]:
+    adv = step.advantage
+    if adv is None:
+        return [0.0] * n
+    if isinstance(adv, int | float):
+        return [float(adv)] * n
+    if len(adv) != n:
+        raise ValueError(
+            f"step advantage has {len(adv)} entries but the step has {n} response tokens; "
+            "per-token advantages must match response_ids one to one"
+        )
+    return [float(a) for a in adv]
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    import numpy as np
+
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "sampler": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    generator.set_state(state["sampler"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

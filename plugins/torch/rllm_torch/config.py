@@ -1,0 +1,81 @@
+"""The ``torch:`` config section of the local backend (validated by the core through the registry)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["LoraSettings", "TinyModelSettings", "TorchBackendConfig", "DEFAULT_TINY_VOCAB"]
+
+DEFAULT_TINY_VOCAB: list[str] = [
+    *[str(i) for i in range(10)],
+    *"abcdefghijklmnopqrstuvwxyz",
+    *"+-*/=?.,!:;()",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class TinyModelSettings(_Section):
+    """A randomly initialised model with a locally built word-level tokenizer (no downloads)."""
+
+    architecture: Literal["qwen2", "llama"] = "qwen2"
+    """transformers architecture the tiny model is built from."""
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int | None = Field(None, ge=1)
+    """Grouped-query heads; None: same as ``num_heads``."""
+    intermediate_size: int = Field(256, ge=8)
+    max_position_embeddings: int = Field(512, ge=16)
+    vocab: list[str] = Field(default_factory=lambda: list(DEFAULT_TINY_VOCAB))
+    """Words of the tokenizer (split on whitespace and punctuation); unknown words become ``<unk>``."""
+
+
+class LoraSettings(_Section):
+    """LoRA adapters through peft (``pip install rllm-torch[peft]``)."""
+
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or ``all-linear``."""
+
+
+class TorchBackendConfig(_Section):
+    """Settings of the local torch backend (section ``torch:``)."""
+
+    model_path: str | None = None
+    """A local Hugging Face causal-LM directory (weights, tokenizer, chat template). None: build ``tiny``."""
+    tiny: TinyModelSettings = Field(default_factory=TinyModelSettings)
+    """The tiny random model used when ``model_path`` is not set."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype (CPU: float32 is the fast and exact choice)."""
+    device: str = "auto"
+    """``auto`` (cuda when available, else cpu), ``cpu``, ``cuda``, ``cuda:1``..."""
+    attn_implementation: str = "sdpa"
+    """transformers attention implementation (``sdpa``, ``eager``, ``flash_attention_2``)."""
+    seed: int | None = None
+    """Seed for weights init and sampling; None: ``trainer.seed``."""
+    num_threads: int | None = Field(None, ge=1)
+    """torch CPU threads; None: all cores in sync mode, half of them in async mode (two threads work at once)."""
+    micro_batch_tokens: int = Field(16384, ge=16)
+    """Padded tokens per forward/backward; bigger batches are split and gradients accumulated."""
+    gen_batch_window_ms: float = Field(5.0, ge=0)
+    """How long the sampler waits to gather concurrent requests into one batch."""
+    gen_max_batch: int = Field(256, ge=1)
+    """Most sequences in one generation batch."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Default ``max_tokens`` when a request does not set one."""
+    lora: LoraSettings | None = None
+    """Train LoRA adapters instead of all weights."""
+    separate_sampler: bool | None = None
+    """Sampler keeps its own copy of the weights; None: only in async mode (so generation and training overlap)."""
+    recompute_old_logprobs: bool = False
+    """Recompute the behaviour logprobs with the current weights instead of trusting the sampler's."""
+    entropy_coef: float = Field(0.0, ge=0)
+    """Entropy bonus: subtract ``entropy_coef * entropy`` per token (aggregated like the loss); keeps exploring."""
+    gradient_checkpointing: bool = False

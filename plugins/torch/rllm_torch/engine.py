@@ -1,0 +1,274 @@
+"""``TorchRolloutEngine``: the local sampler behind ``engine.get_model_response``.
+
+Dynamic batching: every request is queued; one dispatcher task per event loop waits
+``gen_batch_window_ms`` for company (or until ``gen_max_batch`` requests wait), then runs the whole
+batch as one :func:`~rllm_torch.sampling.generate` call on the sampler's worker thread, so the event
+loop (and the trainer in async mode) keeps running while tokens are produced. Requests that
+arrive while a batch runs form the next batch.
+
+The engine reads the sampler's weights through a :class:`SamplerRuntime`, which the backend owns; a
+weight sync and a generation batch never interleave (both run on the same worker thread), so
+every output is stamped with the one version that produced all of its tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rllm_core.engine import RolloutEngine
+from rllm_core.types import ModelOutput, TokenInput
+from rllm_torch.sampling import GenParams, GenResult, generate, score
+
+__all__ = ["SamplerRuntime", "TorchRolloutEngine"]
+
+_SAMPLING_KEYS = {"max_tokens", "max_new_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids"}
+# Accepted and ignored: OpenAI-style knobs that have no meaning for a local sampler.
+_IGNORED_KEYS = {"n", "logprobs", "seed", "model", "frequency_penalty", "presence_penalty"}
+
+
+class SamplerRuntime:
+    """The sampler's model, tokenizer, reference model and worker thread (owned by the backend)."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, seed: int, max_new_tokens: int) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.reference: Any = None
+        self.version = 0
+        self.max_new_tokens = max_new_tokens
+        self.pad_id = tokenizer.pad_token_id
+        eos = tokenizer.eos_token_id
+        self.eos_ids = {eos} if eos is not None else set()
+        gen_cfg = getattr(model, "generation_config", None)
+        extra = getattr(gen_cfg, "eos_token_id", None)
+        if isinstance(extra, int):
+            self.eos_ids.add(extra)
+        elif isinstance(extra, list):
+            self.eos_ids.update(extra)
+        device = next(model.parameters()).device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rllm-torch-sampler")
+        self.lock = threading.Lock()
+        """Held while the sampler's weights are read (generation, scoring) or replaced."""
+        self.batches = 0
+        self.batch_sizes: list[int] = []
+        self._encode_cache: dict[tuple, tuple[int, ...]] = {}
+
+    def encode(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        # Group rollouts send the same prompt n times: plain-text conversations are cached.
+        key = None
+        if all(type(m.get("content")) is str and len(m) == 2 for m in messages):
+            key = (add_generation_prompt, *((m.get("role"), m["content"]) for m in messages))
+            hit = self._encode_cache.get(key)
+            if hit is not None:
+                return list(hit)
+        text = self.tokenizer.apply_chat_template(
+            [dict(m) for m in messages], add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if key is not None:
+            if len(self._encode_cache) >= 4096:
+                self._encode_cache.clear()
+            self._encode_cache[key] = tuple(ids)
+        return ids
+
+    def generate(self, prompts: list[list[int]], params: list[GenParams]) -> tuple[list[GenResult], int]:
+        with self.lock:
+            self.batches += 1
+            self.batch_sizes.append(len(prompts))
+            out = generate(
+                self.model,
+                prompts,
+                params,
+                pad_id=self.pad_id,
+                eos_ids=self.eos_ids,
+                tokenizer=self.tokenizer,
+                generator=self.generator,
+            )
+            return out, self.version
+
+    def score(self, rows: list[tuple[list[int], list[int]]], which: str) -> list[list[float]]:
+        with self.lock:
+            if which == "reference":
+                if self.reference is None:
+                    raise RuntimeError("the torch backend has no reference model yet")
+                return score(self.reference, rows, pad_id=self.pad_id)
+            return score(self.model, rows, pad_id=self.pad_id)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: GenParams
+    future: asyncio.Future
+
+
+class TorchRolloutEngine(RolloutEngine):
+    """Batched local generation with exact per-token logprobs (see the module docstring)."""
+
+    supports_token_in_token_out = True
+    supports_logprobs = True
+
+    def __init__(
+        self,
+        runtime: SamplerRuntime,
+        *,
+        window_s: float = 0.005,
+        max_batch: int = 256,
+        default_sampling: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(default_sampling)
+        self.runtime = runtime
+        self.window_s = window_s
+        self.max_batch = max_batch
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: list[_Request] = []
+        self._wakeup: asyncio.Event | None = None
+        self._dispatcher: asyncio.Task | None = None
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def _params(self, sampling: Mapping[str, Any]) -> GenParams:
+        unknown = set(sampling) - _SAMPLING_KEYS - _IGNORED_KEYS
+        if unknown:
+            raise ValueError(
+                f"torch engine: unknown sampling parameter(s) {sorted(unknown)}; supported: {sorted(_SAMPLING_KEYS)}"
+            )
+        stop = sampling.get("stop") or []
+        if isinstance(stop, str):
+            stop = [stop]
+        max_tokens = sampling.get("max_tokens", sampling.get("max_new_tokens"))
+        return GenParams(
+            max_tokens=int(max_tokens if max_tokens is not None else self.runtime.max_new_tokens),
+            temperature=float(sampling.get("temperature", 1.0)),
+            top_p=float(sampling.get("top_p", 1.0) or 1.0),
+            top_k=int(sampling.get("top_k", 0) or 0),
+            stop=list(stop),
+            stop_token_ids=list(sampling.get("stop_token_ids") or []),
+        )
+
+    async def encode_messages(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True):
+        return self.runtime.encode(messages, add_generation_prompt)
+
+    async def _generate(self, messages: list[Mapping[str, Any]], **sampling: Any) -> ModelOutput:
+        return await self._submit(self.runtime.encode(messages), sampling)
+
+    async def _generate_tokens(self, token_input: TokenInput, **sampling: Any) -> ModelOutput:
+        ids = token_input.prompt_ids
+        if not all(isinstance(t, int) for t in ids):
+            raise TypeError("torch engine: TokenInput.prompt_ids must be a list of ints")
+        return await self._submit(list(ids), sampling)
+
+    async def _submit(self, prompt_ids: list[int], sampling: Mapping[str, Any]) -> ModelOutput:
+        if not prompt_ids:
+            raise ValueError("torch engine: empty prompt")
+        params = self._params(sampling)
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # a new event loop (e.g. a second asyncio.run): start over
+            self._loop, self._pending, self._dispatcher = loop, [], None
+            self._wakeup = asyncio.Event()
+        req = _Request(prompt_ids, params, loop.create_future())
+        self._pending.append(req)
+        assert self._wakeup is not None
+        self._wakeup.set()
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = loop.create_task(self._dispatch())
+        result, version = await req.future
+        return self._to_output(prompt_ids, result, version)
+
+    def _to_output(self, prompt_ids: list[int], r: GenResult, version: int) -> ModelOutput:
+        tok = self.runtime.tokenizer
+        ids = r.completion_ids
+        if r.finish_reason == "stop" and r.stop_text is None and ids:
+            ids = ids[:-1]  # the end-of-turn/stop token is not part of the text
+        # special tokens elsewhere stay visible: a reward must be able to see a stray role marker
+        text = tok.decode(ids, skip_special_tokens=False)
+        if r.stop_text is not None:
+            text = text[: text.find(r.stop_text)]
+        return ModelOutput(
+            text=text,
+            content=text,
+            prompt_ids=prompt_ids,
+            completion_ids=r.completion_ids,
+            logprobs=r.logprobs,
+            finish_reason=r.finish_reason,
+            weight_version=version,
+        )
+
+    async def _dispatch(self) -> None:
+        assert self._wakeup is not None and self._loop is not None
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if not self._pending:
+                        return  # idle: let the task end; the next request starts another
+                continue
+            if len(self._pending) < self.max_batch and self.window_s > 0:
+                await asyncio.sleep(self.window_s)
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            batch = [r for r in batch if not r.future.cancelled()]
+            if not batch:
+                continue
+            try:
+                results, version = await self._loop.run_in_executor(
+                    self.runtime.executor,
+                    self.runtime.generate,
+                    [r.prompt_ids for r in batch],
+                    [r.params for r in batch],
+                )
+            except Exception as exc:
+                for r in batch:
+                    if not r.future.done():
+                        r.future.set_exception(exc)
+                continue
+            for r, res in zip(batch, results, strict=False):
+                if not r.future.done():
+                    r.future.set_result((res, version))
+
+    # -- scoring --------------------------------------------------------------------------------
+
+    async def compute_logprobs(
+        self, prompt_ids: Sequence[int], response_ids: Sequence[int], *, model: str = "policy"
+    ) -> list[float]:
+        if model not in ("policy", "reference"):
+            raise ValueError(f"compute_logprobs: model must be 'policy' or 'reference', got {model!r}")
+        if not response_ids:
+            return []
+        loop = asyncio.get_running_loop()
+        rows = [(list(prompt_ids), list(response_ids))]
+        out = await loop.run_in_executor(self.runtime.executor, self.runtime.score, rows, model)
+        return out[0]
+
+    async def refresh_reference(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.runtime.executor, self._copy_reference)
+
+    def _copy_reference(self) -> None:
+        import copy
+
+        with self.runtime.lock:
+            if self.runtime.reference is None:
+                self.runtime.reference = copy.deepcopy(self.runtime.model).eval().requires_grad_(False)
+            else:
+                _copy_weights(self.runtime.reference, self.runtime.model)
+
+
+@torch.no_grad()
+def _copy_weights(dst: Any, src: Any) -> None:
+    """In-place copy of every parameter and buffer (same structure)."""
+    dst_state = dst.state_dict()
+    for name, tensor in src.state_dict().items():
+        dst_state[name].copy_(tensor)

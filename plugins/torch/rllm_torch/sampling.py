@@ -1,0 +1,155 @@
+"""Batched sampling with a KV cache, and teacher-forced scoring, for a transformers causal LM.
+
+``generate(model, prompts, params)`` left-pads the prompts into one batch, runs the prompt once, then
+one token per step with ``past_key_values``. Each row has its own temperature, top-k, top-p,
+token budget and stop conditions. The logprob returned for a sampled token is its log-probability
+under the model's plain distribution (temperature 1, no top-k/top-p truncation): the same quantity
+:func:`score` and the trainer compute, so importance ratios start at exactly 1 for on-policy data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["GenParams", "GenResult", "generate", "score", "token_logprobs"]
+
+
+@dataclass
+class GenParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0: no top-k."""
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class GenResult:
+    completion_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    """``stop`` (end-of-sequence token or stop string/token) or ``length``."""
+    stop_text: str | None = None
+    """The stop string that ended generation, if any."""
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[targets], in float32, without materialising a float32 copy twice."""
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _sample(
+    logits: torch.Tensor, temps: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, gen: torch.Generator | None
+) -> torch.Tensor:
+    greedy = temps <= 0
+    scaled = logits / temps.clamp(min=1e-6).unsqueeze(-1)
+    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        vocab = logits.shape[-1]
+        ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
+        k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).unsqueeze(-1)
+        drop = ranks >= k
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always survives)
+        drop |= (probs.cumsum(-1) - probs) >= top_p.unsqueeze(-1)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        picked = torch.multinomial(torch.softmax(sorted_logits, dim=-1), 1, generator=gen).squeeze(-1)
+        sampled = order.gather(-1, picked.unsqueeze(-1)).squeeze(-1)
+    else:
+        sampled = torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=gen).squeeze(-1)
+    return torch.where(greedy, logits.argmax(-1), sampled)
+
+
+@torch.inference_mode()
+def generate(
+    model: Any,
+    prompts: list[list[int]],
+    params: list[GenParams],
+    *,
+    pad_id: int,
+    eos_ids: set[int],
+    tokenizer: Any = None,
+    generator: torch.Generator | None = None,
+) -> list[GenResult]:
+    """Sample a completion for each prompt in one batch (see the module docstring)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    b = len(prompts)
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attn[i, width - len(p) :] = 1
+    input_ids, attn = input_ids.to(device), attn.to(device)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+    budget = [p.max_tokens for p in params]
+    stops = [set(p.stop_token_ids) | eos_ids for p in params]
+    results = [GenResult([], [], "length") for _ in range(b)]
+    done = [budget[i] <= 0 for i in range(b)]
+    cache = DynamicCache()
+    out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+    logits = out.logits[:, -1, :]
+    last_pos = pos[:, -1]
+    for _ in range(max(budget)):
+        if all(done):
+            break
+        tokens = _sample(logits.float(), temps, top_k, top_p, generator)
+        lps = token_logprobs(logits, tokens).tolist()
+        token_list = tokens.tolist()
+        for i in range(b):
+            if done[i]:
+                continue
+            r = results[i]
+            r.completion_ids.append(token_list[i])
+            r.logprobs.append(lps[i])
+            if token_list[i] in stops[i]:
+                r.finish_reason, done[i] = "stop", True
+            elif params[i].stop and tokenizer is not None:
+                text = tokenizer.decode(r.completion_ids, skip_special_tokens=False)
+                hit = next((s for s in params[i].stop if s in text), None)
+                if hit is not None:
+                    r.finish_reason, r.stop_text, done[i] = "stop", hit, True
+            if not done[i] and len(r.completion_ids) >= budget[i]:
+                done[i] = True
+        if all(done):
+            break
+        # Finished rows keep decoding (their tokens are ignored) so the batch stays rectangular.
+        attn = torch.cat([attn, attn.new_ones((b, 1))], dim=1)
+        last_pos = last_pos + 1
+        out = model(
+            input_ids=tokens.unsqueeze(-1),
+            attention_mask=attn,
+            position_ids=last_pos.unsqueeze(-1),
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+        logits = out.logits[:, -1, :]
+    return results
+
+
+@torch.inference_mode()
+def score(model: Any, rows: list[tuple[list[int], list[int]]], *, pad_id: int) -> list[list[float]]:
+    """Teacher-forced logprobs of each response following its prompt (right-padded, one forward)."""
+    device = next(model.parameters()).device
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, (p, r) in enumerate(rows):
+        seq = list(p) + list(r)
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attn[i, : len(seq)] = 1
+    ids, attn = ids.to(device), attn.to(device)
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+    lp = token_logprobs(logits[:, :-1], ids[:, 1:])
+    return [lp[i, len(p) - 1 : len(p) - 1 + len(r)].tolist() for i, (p, r) in enumerate(rows)]

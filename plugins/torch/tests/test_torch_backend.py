@@ -1,0 +1,180 @@
+"""Training steps, micro-batching, async weight sync, checkpoints and export of the torch backend."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from torch_test_helpers import backend, groups_from_outputs
+
+from rllm_core.protocol import TrainerState
+
+torch = pytest.importorskip("torch")
+
+MSG = [{"role": "user", "content": "3+4="}]
+
+
+def _sample(b, n=16, max_tokens=3):
+    async def run():
+        return await asyncio.gather(
+            *[b.rollout_engine.get_model_response(MSG, max_tokens=max_tokens) for _ in range(n)]
+        )
+
+    return asyncio.run(run())
+
+
+def _train(b, groups, version=None):
+    async def run():
+        state = TrainerState(groups=groups)
+        await b.transform_to_backend_batch(state)
+        await b.process_backend_batch(state)
+        await b.update_policy(state)
+        if version is not None:
+            await b.on_policy_updated(state, version)
+        return state
+
+    return asyncio.run(run())
+
+
+def _params(b):
+    return {k: v.detach().clone() for k, v in b.policy.state_dict().items()}
+
+
+def test_update_on_policy_data_has_unit_ratio_and_reports_metrics():
+    b = backend()
+    outs = _sample(b)
+    state = _train(b, groups_from_outputs(outs, [float(i % 2) for i in range(16)]))
+    m = state.metrics
+    # sampler logprobs == trainer logprobs before the step, so the importance ratio is 1
+    assert m["actor/ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert m["actor/num_seqs"] == 16 and m["actor/num_tokens"] == sum(len(o.completion_ids) for o in outs)
+    for key in ("actor/loss", "actor/entropy", "actor/grad_norm", "actor/lr", "actor/tokens_per_s"):
+        assert key in m
+    assert b.updates == 1
+
+
+def test_micro_batches_accumulate_to_the_same_update():
+    big, small = backend(), backend(**{"torch.micro_batch_tokens": 16})
+    outs = _sample(big)
+    rewards = [float(len(o.completion_ids) % 2) for o in outs]
+    for mode in ("token-mean", "seq-mean-token-mean"):
+        big.config.algorithm.loss.agg_mode = small.config.algorithm.loss.agg_mode = mode
+        m_big = _train(big, groups_from_outputs(outs, rewards)).metrics
+        m_small = _train(small, groups_from_outputs(outs, rewards)).metrics
+        assert m_small["actor/grad_norm"] == pytest.approx(m_big["actor/grad_norm"], rel=1e-4)
+    for k, v in _params(big).items():
+        torch.testing.assert_close(_params(small)[k], v, atol=1e-5, rtol=1e-4)
+
+
+def test_per_token_advantages_are_honoured_and_checked():
+    b = backend()
+    outs = [o for o in _sample(b, n=32, max_tokens=3) if len(o.completion_ids) == 3][:4]
+    groups = groups_from_outputs(outs, [0.0] * len(outs))
+    for traj in groups[0].trajectories:
+        traj.steps[0].advantage = [0.0, 0.0, 0.0]
+    before = _params(b)
+    _train(b, groups)
+    # zero advantages everywhere: no gradient, parameters unchanged (AdamW without decay)
+    for k, v in _params(b).items():
+        torch.testing.assert_close(v, before[k])
+    groups[0].trajectories[0].steps[0].advantage = [1.0]
+    with pytest.raises(ValueError, match="per-token advantages"):
+        _train(b, groups)
+
+
+def test_async_sampler_keeps_old_weights_until_policy_update():
+    b = backend(**{"trainer.mode": "async"})
+    assert b.separate_sampler and b.runtime.model is not b.policy
+    outs = _sample(b)
+    engine = b.rollout_engine
+    probe = outs[0]
+    before = asyncio.run(engine.compute_logprobs(probe.prompt_ids, probe.completion_ids))
+    _train(b, groups_from_outputs(outs, [float(i % 2) for i in range(16)]))
+    still = asyncio.run(engine.compute_logprobs(probe.prompt_ids, probe.completion_ids))
+    assert still == before and engine.weight_version == 0
+    _train(b, groups_from_outputs(outs, [float(i % 2) for i in range(16)]), version=2)
+    after = asyncio.run(engine.compute_logprobs(probe.prompt_ids, probe.completion_ids))
+    assert after != before and engine.weight_version == 2
+    assert _sample(b, n=2)[0].weight_version == 2
+
+
+def test_checkpoint_resume_gives_the_same_next_step(tmp_path):
+    outs_by_step = {}
+    a = backend()
+    for step in range(3):
+        outs_by_step[step] = _sample(a)
+        if step == 1:
+            a.save_checkpoint(tmp_path / "ckpt")
+            rng_after_save = torch.get_rng_state()
+        m_a = _train(a, groups_from_outputs(outs_by_step[step], [float(i % 3 == 0) for i in range(16)]), step + 1)
+        if step == 1:
+            loss_a, params_step2 = m_a.metrics["actor/loss"], _params(a)
+    b = backend(**{"torch.seed": 123})  # different init: everything must come from the checkpoint
+    b.load_checkpoint(tmp_path / "ckpt")
+    assert b.rollout_engine.weight_version == 1 and b.updates == 1
+    torch.testing.assert_close(torch.get_rng_state(), rng_after_save)
+    m_b = _train(b, groups_from_outputs(outs_by_step[1], [float(i % 3 == 0) for i in range(16)]), 2)
+    assert m_b.metrics["actor/loss"] == pytest.approx(loss_a, abs=1e-7)
+    for k, v in _params(b).items():
+        torch.testing.assert_close(v, params_step2[k])
+    # the sampler resumed its random stream too: the next samples are the same
+    assert [o.completion_ids for o in _sample(b)] == [o.completion_ids for o in outs_by_step[2]]
+
+
+def test_export_writes_a_loadable_hugging_face_directory(tmp_path):
+    from rllm_torch.backend import TorchBackend
+
+    a = backend()
+    outs = _sample(a, n=4)
+    _train(a, groups_from_outputs(outs, [1.0, 0.0, 1.0, 0.0]), 1)
+    a.save_checkpoint(tmp_path / "ckpt")
+    out_dir = TorchBackend.export(tmp_path / "ckpt", tmp_path / "hf")
+    assert (out_dir / "model.safetensors").is_file() and (out_dir / "tokenizer.json").is_file()
+    b = backend(**{"torch.model_path": str(out_dir)})
+    p, r = outs[0].prompt_ids, outs[0].completion_ids
+    lp_a = asyncio.run(a.rollout_engine.compute_logprobs(p, r))
+    lp_b = asyncio.run(b.rollout_engine.compute_logprobs(p, r))
+    assert lp_b == pytest.approx(lp_a, abs=1e-5)
+    assert asyncio.run(b.rollout_engine.encode_messages(MSG)) == p
+
+
+def test_lora_trains_only_adapters():
+    pytest.importorskip("peft")
+    b = backend(**{"torch.lora.r": 4})
+    trainable = [n for n, p in b.policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    outs = _sample(b, n=8)
+    m = _train(b, groups_from_outputs(outs, [float(i % 2) for i in range(8)])).metrics
+    assert m["actor/grad_norm"] > 0
+
+
+def test_bad_settings_name_the_field():
+    from torch_test_helpers import make_config
+
+    from rllm_core.config import ConfigError, validate_plugin_sections
+
+    with pytest.raises(ConfigError, match=r"torch\.dtype"):
+        validate_plugin_sections(make_config(**{"torch.dtype": "float8"}))
+    with pytest.raises(ConfigError, match=r"algorithm\.loss\.name"):
+        b = backend()
+        b.validate_config(make_config(**{"algorithm.loss.name": "dpo"}))
+    with pytest.raises(FileNotFoundError, match=r"torch\.model_path"):
+        backend(**{"torch.model_path": "/nonexistent/model"})
+
+
+def test_torch_is_the_default_backend_and_registers_reward_curve():
+    from rllm_core.plugins import get_registry
+
+    reg = get_registry()
+    assert reg.default_backend() == "torch"
+    assert reg.get("backend", "torch").options["priority"] == 100
+    assert "reward_curve" in reg.names("logger")
+
+
+def test_entropy_bonus_raises_entropy_without_advantages():
+    b = backend(**{"torch.entropy_coef": 1.0})
+    outs = _sample(b, n=16)
+    first = _train(b, groups_from_outputs(outs, [0.0] * 16)).metrics["actor/entropy"]
+    for _ in range(3):
+        last = _train(b, groups_from_outputs(outs, [0.0] * 16)).metrics["actor/entropy"]
+    assert last > first
