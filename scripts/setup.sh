@@ -10,7 +10,9 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" "torch==2.13.0"
 pkgs=(-e ".[dev,parquet]")
 for dir in plugins/*/ examples/*/ rllm_tinker/ rllm_verl/; do
-  [ -f "$dir/pyproject.toml" ] && pkgs+=(-e "$dir")
+  [ -f "$dir/pyproject.toml" ] || continue
+  # A plugin's `test` extra holds what its tests need beyond its own dependencies (e.g. peft).
+  if grep -q '^test = ' "$dir/pyproject.toml"; then pkgs+=(-e "${dir%/}[test]"); else pkgs+=(-e "$dir"); fi
 done
 "${PIP[@]}" "${pkgs[@]}" "torch==2.13.0"
 echo "ready: $VENV ($("$VENV/bin/python" -c 'import rllm_core; print("rllm-core", rllm_core.__version__)'))"
