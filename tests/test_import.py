@@ -41,3 +41,16 @@ def test_loading_the_builtin_plugins_imports_no_heavy_module():
 @pytest.mark.parametrize("module", ["rllm_core.cli", "rllm_core.config", "rllm_core.plugins", "rllm_core.protocol"])
 def test_core_modules_import_no_heavy_module(module):
     assert heavy_modules_after(f"import {module}") == []
+
+
+def test_rllm_core_distribution_requires_only_the_slim_dependencies():
+    """``pip install rllm-core`` brings pluggy, pydantic, omegaconf and numpy; anything else is an extra."""
+    import re
+    from importlib.metadata import requires
+
+    runtime = {
+        re.split(r"[\s<>=!~;\[]", req, maxsplit=1)[0].lower()
+        for req in requires("rllm-core") or []
+        if "extra ==" not in req
+    }
+    assert runtime == {"pluggy", "pydantic", "omegaconf", "numpy"}
