@@ -177,10 +177,20 @@ class TrainerConfig(_Section):
     """Checkpoint every k steps (0: only at the end and on interruption)."""
     keep_checkpoints: int = Field(2, ge=1)
     resume: str = "auto"
-    """``auto`` (latest checkpoint in run_dir, if any), ``off``, or a checkpoint path."""
+    """``auto`` (latest checkpoint in run_dir, if any), ``off``, or a checkpoint path (false: off, true: auto)."""
     seed: int = 0
     log_episodes: int = Field(4, ge=0)
     """Episodes per step handed to loggers' ``log_episodes``."""
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume_from_bool(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted ``off``/``no`` (``trainer.resume=off`` on the command line) as false.
+        if value is False:
+            return "off"
+        if value is True:
+            return "auto"
+        return value
 
     @property
     def resolved_run_dir(self) -> Path:
@@ -346,7 +356,14 @@ def load_config(
             if bad:
                 raise ConfigError(f"overrides must look like key=value, got: {', '.join(bad)}")
             parts.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.merge(*parts) if parts else OmegaConf.create({})
+        merged = parts[0]
+        for part in parts[1:]:
+            # A list of names means "exactly these": it replaces the loggers/hooks set so far
+            # (omegaconf cannot merge a list into a mapping); a mapping merges as usual.
+            for key in ("loggers", "hooks"):
+                if key in part and OmegaConf.is_list(part[key]) and key in merged:
+                    merged[key] = None
+            merged = OmegaConf.merge(merged, part)
         raw = OmegaConf.to_container(merged, resolve=True)
     except (OmegaConfBaseException, TypeError) as exc:
         # omegaconf raises a bare TypeError when a mapping meets a list at the same key.

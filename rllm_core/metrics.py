@@ -35,20 +35,29 @@ def stats(prefix: str, values: Sequence[float]) -> dict[str, float]:
 
 def episode_metrics(episodes: Iterable[Episode], prefix: str = "train") -> dict[str, float]:
     """Rewards, correctness, lengths and termination counts of a batch of episodes."""
-    episodes = list(episodes)
+    episodes = episodes if isinstance(episodes, list) else list(episodes)
     out: dict[str, float] = {f"{prefix}/episodes/count": float(len(episodes))}
     if not episodes:
         return out
-    rewards = [t.total_reward for e in episodes for t in e.trajectories]
-    out.update(stats(f"{prefix}/reward", rewards))
-    out[f"{prefix}/correct_frac"] = sum(e.is_correct for e in episodes) / len(episodes)
-    reasons: dict[str, float] = defaultdict(float)
+    # One pass over episodes, trajectories and steps (a step holds ~1,000 episodes).
+    rewards: list[float] = []
+    response_lens: list[int] = []
+    steps_per_traj: list[int] = []
+    reasons: dict[str, float] = {}
+    n_correct = 0
     for e in episodes:
-        reasons[e.termination_reason.value] += 1
+        n_correct += e.is_correct
+        reason = e.termination_reason.value
+        reasons[reason] = reasons.get(reason, 0.0) + 1
+        for t in e.trajectories:
+            rewards.append(t.total_reward)
+            steps = t.steps
+            steps_per_traj.append(len(steps))
+            response_lens.extend([len(s.response_ids) for s in steps])
+    out.update(stats(f"{prefix}/reward", rewards))
+    out[f"{prefix}/correct_frac"] = n_correct / len(episodes)
     for reason, count in reasons.items():
         out[f"{prefix}/episodes/termination/{reason}"] = count
-    response_lens = [len(s.response_ids) for e in episodes for t in e.trajectories for s in t.steps]
-    steps_per_traj = [len(t.steps) for e in episodes for t in e.trajectories]
     out[f"{prefix}/tokens/response_sum"] = float(sum(response_lens))
     if response_lens:
         out[f"{prefix}/response_length/mean"] = sum(response_lens) / len(response_lens)

@@ -14,15 +14,20 @@ with a concurrency limit, a per-episode timeout and retries, and turns whatever 
 an episode gives an episode with termination reason ``error``/``timeout`` and the traceback in
 ``info["error"]``; training goes on. It fills ``task``, ``task_id`` (``task[data.id_key]``, which
 the data loader sets to the row index when missing) and ``rollout_idx``, and applies the
-configured reward function to trajectories whose ``reward`` is None. A reward function that raises
-or exceeds ``reward.timeout`` scores 0 and is counted, never a crash. Counters of such events are
-kept in :attr:`WorkflowEngine.counters` and drained by the trainer once per step.
+configured reward function to trajectories whose ``reward`` is None. A sync reward function runs in
+worker threads, never on the event loop; the calls submitted in one loop tick share thread hops. A
+reward function that raises or exceeds ``reward.timeout`` scores 0 and is counted, never a crash.
+Counters of such events are kept in :attr:`WorkflowEngine.counters` and drained by the trainer
+once per step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
+import threading
+import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -129,6 +134,186 @@ def _error_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
+class _Call:
+    """One queued reward call; its worker thread writes ``result``/``error``, then ``finished``."""
+
+    __slots__ = ("action", "batch", "error", "expired", "finished", "future", "result", "task")
+
+    def __init__(self, task: Any, action: Any, future: asyncio.Future, batch: _Batch) -> None:
+        self.task = task
+        self.action = action
+        self.future = future
+        self.batch = batch
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.finished = False
+        self.expired = False
+
+
+class _Batch:
+    """The calls submitted in one event-loop tick: they share one timeout timer."""
+
+    __slots__ = ("calls", "remaining", "timer")
+
+    def __init__(self) -> None:
+        self.calls: list[_Call] = []
+        self.remaining = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class _RewardRunner:
+    """Runs a blocking reward function in worker threads, many calls per thread hop.
+
+    One thread hop per call (``run_in_executor`` + ``wait_for``, ~85 us here) costs more than a
+    typical reward function, and a step scores ~1,000 trajectories that mostly finish in the same
+    event-loop tick. So calls go to a shared queue; a *drainer* job on a worker thread runs queued
+    calls until the queue is empty and hands results back to the loop in batches. While calls stay
+    queued (slow rewards, or one that hangs), a supervisor adds a drainer every few milliseconds,
+    up to ``max_workers``, so blocking (I/O, subprocess) rewards still get the pool's parallelism
+    and a hung call never holds the others up. A call's timeout runs from its submission, as with
+    one executor job per call; a call whose timeout passes before a drainer reaches it never runs.
+    """
+
+    _post_every = 0.002
+    """Seconds a drainer may hold finished results before handing them to the loop."""
+
+    def __init__(self, fn: Callable[..., Any], timeout: float, max_workers: int = 32) -> None:
+        self.fn = fn
+        self.timeout = timeout
+        self.max_workers = max_workers
+        self._supervise_every = min(0.005, timeout / 10)
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._queue: collections.deque[_Call] = collections.deque()
+        self._active = 0
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._batch: _Batch | None = None
+        self._supervising = False
+
+    def submit(self, task: Any, action: Any) -> asyncio.Future:
+        """Queue ``fn(task, action)``; the future gets its result, its exception or ``TimeoutError``."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a new asyncio.run(): callbacks scheduled on the old loop are gone
+            self._loop = loop
+            self._batch = None
+            self._supervising = False
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = _Batch()
+            loop.call_soon(self._flush)
+        call = _Call(task, action, loop.create_future(), batch)
+        batch.calls.append(call)
+        return call.future
+
+    def close(self) -> None:
+        self._closed = True
+        if self._pool is not None:
+            # A hung reward thread cannot be killed; do not wait for it.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    # -- loop side -------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, None
+        loop = self._loop
+        if batch is None or loop is None:
+            return
+        batch.remaining = len(batch.calls)
+        batch.timer = loop.call_later(self.timeout, self._expire, batch)
+        with self._lock:
+            self._queue.extend(batch.calls)
+        self._spawn()
+        if not self._supervising:
+            self._supervising = True
+            loop.call_later(self._supervise_every, self._supervise, loop)
+
+    def _spawn(self) -> None:
+        with self._lock:
+            if self._closed or not self._queue or self._active >= self.max_workers:
+                return
+            self._active += 1
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="rllm-reward")
+        self._pool.submit(self._drain, self._loop)
+
+    def _supervise(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is not self._loop:
+            return
+        with self._lock:
+            waiting = bool(self._queue)
+        if waiting and not self._closed:
+            # Calls still queued a supervision period later: the drainers are slow or stuck.
+            self._spawn()
+            loop.call_later(self._supervise_every, self._supervise, loop)
+        else:
+            self._supervising = False
+
+    @staticmethod
+    def _resolve(call: _Call) -> None:
+        fut = call.future
+        if fut.done():
+            return
+        if call.error is not None:
+            fut.set_exception(call.error)
+        else:
+            fut.set_result(call.result)
+        batch = call.batch
+        batch.remaining -= 1
+        if batch.remaining == 0 and batch.timer is not None:
+            batch.timer.cancel()  # releases the batch (and its tasks) now rather than at the timeout
+
+    def _deliver(self, calls: list[_Call]) -> None:
+        for call in calls:
+            self._resolve(call)
+
+    def _expire(self, batch: _Batch) -> None:
+        for call in batch.calls:
+            if call.future.done():
+                continue
+            if call.finished:  # done in its thread, not yet handed over
+                self._resolve(call)
+            else:
+                call.expired = True
+                call.future.set_exception(asyncio.TimeoutError())
+
+    # -- worker side -----------------------------------------------------------------------
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        fn = self.fn
+        done: list[_Call] = []
+        last_post = time.perf_counter()
+        while True:
+            with self._lock:
+                if not self._queue or self._closed:
+                    self._active -= 1
+                    break
+                call = self._queue.popleft()
+            if call.expired:
+                continue
+            try:
+                call.result = fn(call.task, call.action)
+            except StopIteration as exc:  # a future cannot carry StopIteration
+                call.error = RuntimeError(f"reward function raised StopIteration: {exc!r}")
+            except BaseException as exc:
+                call.error = exc
+            call.finished = True
+            done.append(call)
+            now = time.perf_counter()
+            if now - last_post >= self._post_every:
+                self._post(loop, done)
+                done, last_post = [], now
+        if done:
+            self._post(loop, done)
+
+    def _post(self, loop: asyncio.AbstractEventLoop, calls: list[_Call]) -> None:
+        try:
+            loop.call_soon_threadsafe(self._deliver, calls)
+        except RuntimeError:  # that loop is closed: nobody waits for these any more
+            pass
+
+
 class WorkflowEngine:
     """Runs a workflow over tasks; what ``Backend.generate_episodes`` calls.
 
@@ -161,7 +346,9 @@ class WorkflowEngine:
         self.train_engine = SamplingEngine(engine, config.rollout.train_sampling, is_validation=False)
         self.val_engine = SamplingEngine(engine, config.rollout.val_sampling, is_validation=True)
         self._semaphore: asyncio.Semaphore | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self._rewards: _RewardRunner | None = None
+        if self.reward_fn is not None and not self._reward_is_async:
+            self._rewards = _RewardRunner(self.reward_fn, config.reward.timeout)
         self.counters: dict[str, float] = {}
         """Event counts since the last :meth:`pop_counters` (retries, reward failures...)."""
 
@@ -169,8 +356,9 @@ class WorkflowEngine:
 
     async def execute_tasks(self, tasks: Sequence[dict[str, Any]], is_validation: bool = False) -> list[Episode]:
         """All rollouts of all ``tasks`` (``n`` or ``n_val`` each), in task then rollout order."""
-        results = await asyncio.gather(*(self.run_task(t, is_validation=is_validation) for t in tasks))
-        return [ep for eps in results for ep in eps]
+        n = self.config.rollout.n_val if is_validation else self.config.rollout.n
+        # One flat gather: a task per episode and no intermediate per-task gather.
+        return list(await asyncio.gather(*(self.run_episode(t, i, is_validation) for t in tasks for i in range(n))))
 
     async def run_task(self, task: dict[str, Any], is_validation: bool = False, n: int | None = None) -> list[Episode]:
         """The ``n`` rollouts of one task (the unit the async loop streams)."""
@@ -217,7 +405,7 @@ class WorkflowEngine:
 
     def task_id(self, task: Any) -> str:
         key = self.config.data.id_key
-        if isinstance(task, Mapping) and task.get(key) is not None:
+        if (type(task) is dict or isinstance(task, Mapping)) and task.get(key) is not None:
             return str(task[key])
         return str(id(task))  # only for tasks that bypassed the data loader, which always sets it
 
@@ -226,10 +414,8 @@ class WorkflowEngine:
         return counters
 
     def close(self) -> None:
-        if self._pool is not None:
-            # A hung reward thread cannot be killed; do not wait for it.
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        if self._rewards is not None:
+            self._rewards.close()
 
     # -- internals ------------------------------------------------------------------------
 
@@ -292,44 +478,56 @@ class WorkflowEngine:
         derive = episode.info.pop("_derive_correct", True)
         correct: list[bool] = []
         if self.reward_fn is not None:
+            todo = []
             for traj in episode.trajectories:
                 if traj.reward is not None or not traj.steps:
                     continue
                 last = traj.steps[-1]
-                action = last.action if last.action is not None else last.model_response
-                reward, is_correct = await self._score(task, action, episode)
-                traj.reward = reward
-                correct.append(is_correct)
+                todo.append((traj, last.action if last.action is not None else last.model_response))
+            if self._rewards is not None:
+                # Submit every trajectory before awaiting any, so that they share worker-thread hops.
+                submitted = [(traj, self._rewards.submit(task, action)) for traj, action in todo]
+                for traj, fut in submitted:
+                    try:
+                        out = await fut
+                        if inspect.isawaitable(out):
+                            out = await asyncio.wait_for(out, self.config.reward.timeout)
+                        traj.reward, is_correct = _reward_value(out)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        traj.reward, is_correct = self._reward_failed(exc, episode)
+                    correct.append(is_correct)
+            else:
+                for traj, action in todo:
+                    try:
+                        out = await asyncio.wait_for(self.reward_fn(task, action), self.config.reward.timeout)
+                        traj.reward, is_correct = _reward_value(out)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        traj.reward, is_correct = self._reward_failed(exc, episode)
+                    correct.append(is_correct)
         if correct:
             episode.is_correct = any(correct)
         elif derive and episode.trajectories:
             episode.is_correct = sum(t.total_reward for t in episode.trajectories) > 0
 
-    async def _score(self, task: dict[str, Any], action: Any, episode: Episode) -> tuple[float, bool]:
-        timeout = self.config.reward.timeout
-        fn = self.reward_fn
-        assert fn is not None
-        try:
-            if self._reward_is_async:
-                out = await asyncio.wait_for(fn(task, action), timeout)
-            else:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="rllm-reward")
-                loop = asyncio.get_running_loop()
-                out = await asyncio.wait_for(loop.run_in_executor(self._pool, fn, task, action), timeout)
-                if inspect.isawaitable(out):
-                    out = await asyncio.wait_for(out, timeout)
-            if isinstance(out, RewardOutput):
-                reward = float(out.reward)
-                return reward, out.is_correct if out.is_correct is not None else reward > 0
-            reward = float(out)
-            return reward, reward > 0
-        except asyncio.TimeoutError:
+    def _reward_failed(self, exc: Exception, episode: Episode) -> tuple[float, bool]:
+        """A reward call that raised or timed out scores 0 and is counted."""
+        if isinstance(exc, asyncio.TimeoutError):
             self._count("reward/timeouts")
-            episode.info["reward_error"] = f"reward function exceeded reward.timeout={timeout}s"
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
+            episode.info["reward_error"] = f"reward function exceeded reward.timeout={self.config.reward.timeout}s"
+        else:
             self._count("reward/errors")
             episode.info["reward_error"] = _error_text(exc)
         return 0.0, False
+
+
+def _reward_value(out: Any) -> tuple[float, bool]:
+    """(reward, is_correct) from what a reward function returned."""
+    if isinstance(out, RewardOutput):
+        reward = float(out.reward)
+        return reward, out.is_correct if out.is_correct is not None else reward > 0
+    reward = float(out)
+    return reward, reward > 0

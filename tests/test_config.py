@@ -370,3 +370,26 @@ def test_the_field_reference_in_docs_is_current():
 def test_interpolation_sees_schema_defaults():
     config = load_config({"trainer": {"name": "${trainer.project}-x"}})
     assert config.trainer.name == "rllm-x"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"), [("off", "off"), ("no", "off"), ("false", "off"), ("true", "auto"), ("auto", "auto")]
+)
+def test_resume_override_off_parses_as_off_not_a_boolean(override, expected):
+    # YAML 1.1 turns a bare ``off`` into False; the schema maps it back to the word the user meant.
+    assert load_config(overrides=[f"trainer.resume={override}"]).trainer.resume == expected
+
+
+def test_resume_accepts_booleans_and_keeps_paths():
+    assert load_config({"trainer": {"resume": False}}).trainer.resume == "off"
+    assert load_config({"trainer": {"resume": True}}).trainer.resume == "auto"
+    assert load_config(overrides=["trainer.resume=runs/x/step_3"]).trainer.resume == "runs/x/step_3"
+
+
+def test_a_list_of_loggers_in_an_override_replaces_the_files_loggers(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("loggers: {console: {}, jsonl: {every: 2}}\nhooks: {a_hook: {x: 1}}\n")
+    assert load_config(path, overrides=["loggers=[jsonl]"]).loggers == {"jsonl": {}}
+    assert load_config(path, overrides=["hooks=[]"]).hooks == {}
+    merged = load_config(path, overrides=["loggers.jsonl.every=3"])
+    assert merged.loggers == {"console": {}, "jsonl": {"every": 3}}

@@ -185,6 +185,19 @@ def test_validation_reports_pass_at_k_per_data_source(tmp_path):
     assert trainer.backend.calls.count("on_validation_start") == 2
 
 
+@pytest.mark.parametrize(("val_every", "expected_steps"), [(2, [2, 4]), (3, [3, 4])])
+def test_val_at_end_does_not_repeat_a_validation_of_the_final_step(tmp_path, val_every, expected_steps):
+    trainer = _trainer(
+        tmp_path,
+        data={"val_fraction": 0.25},
+        trainer={"val_every": val_every, "val_at_end": True, "total_steps": 4},
+    )
+    trainer.fit()
+    rec = trainer.hook_plugins[REC]
+    assert [step for name, step in rec.calls if name == "on_validation_start"] == expected_steps
+    assert trainer.backend.calls.count("on_validation_start") == len(expected_steps)
+
+
 def test_run_dir_has_config_and_metrics(tmp_path):
     trainer = _trainer(tmp_path, loggers={"jsonl": {}}, trainer={"total_steps": 3})
     trainer.fit()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 
@@ -163,3 +165,50 @@ def test_stream_yields_each_task_when_complete(tmp_path):
         return [[e.task_id for e in eps] async for eps in eng.stream(TASKS)]
 
     assert asyncio.run(collect()) == [["x", "x"], ["a|b#1", "a|b#1"]]
+
+
+def test_sync_reward_runs_off_the_loop_and_blocking_calls_overlap(tmp_path):
+    lock = threading.Lock()
+    running = peak = 0
+    threads = set()
+
+    def reward(task, action):
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        threads.add(threading.get_ident())
+        time.sleep(0.02)  # blocking I/O, e.g. a sandbox or a judge server
+        with lock:
+            running -= 1
+        return 1.0
+
+    eng = _engine(tmp_path, answer_wf, reward=reward, rollout={"n": 12})
+    episodes = asyncio.run(eng.execute_tasks(TASKS[:1]))
+    assert [e.trajectories[0].reward for e in episodes] == [1.0] * 12
+    assert threading.get_ident() not in threads
+    assert peak > 1  # queued calls do not wait for one worker to finish the others
+    eng.close()
+
+
+def test_a_hung_sync_reward_does_not_hold_up_the_calls_queued_behind_it(tmp_path):
+    release = threading.Event()
+    calls = []
+
+    def reward(task, action):
+        calls.append(action)
+        if len(calls) == 1:
+            release.wait(5)  # hangs well past reward.timeout
+        return 1.0
+
+    cfg = simulated_config(tmp_path, rollout={"n": 6}, reward={"name": "x", "timeout": 0.5})
+    eng = WorkflowEngine(answer_wf, cfg, SimulatedBackend(cfg).init_rollout_engine(), reward_fn=reward)
+    try:
+        episodes = asyncio.run(eng.execute_tasks(TASKS[:1]))
+    finally:
+        release.set()
+        eng.close()
+    rewards = sorted(e.trajectories[0].reward for e in episodes)
+    assert rewards == [0.0] + [1.0] * 5
+    assert eng.pop_counters() == {"reward/timeouts": 1.0}
+    assert sum("reward_error" in e.info for e in episodes) == 1
