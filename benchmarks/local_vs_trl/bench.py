@@ -75,6 +75,10 @@ def run_rllm(args: argparse.Namespace) -> dict:
             f"algorithm.optim.lr={args.lr}",
             f"trainer.seed={args.seed}",
             f"torch.num_threads={args.threads}",
+            # TRL generates the whole batch at once; here too: every episode in flight, one sampler batch
+            f"workflow.max_concurrency={args.tasks * args.group}",
+            f"torch.gen_max_batch={args.tasks * args.group}",
+            *args.rllm_override,
         ],
     )
     config.trainer.resume = "off"
@@ -166,6 +170,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join(HERE, "out"))
     p.add_argument("--impl", choices=["rllm", "trl", "both"], default="both")
+    p.add_argument(
+        "--rllm-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config override for the rllm side (repeatable), e.g. torch.share_prompt_prefix=false",
+    )
     args = p.parse_args()
     if args.impl != "both":
         child(args)

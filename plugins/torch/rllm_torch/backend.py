@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import copy
+import gc
 import json
 import math
 import os
@@ -40,7 +41,7 @@ from rllm_torch.config import TorchBackendConfig
 from rllm_torch.engine import SamplerRuntime, TorchRolloutEngine, _copy_weights
 from rllm_torch.losses import LOSSES, policy_loss, token_weights
 from rllm_torch.model import load_model_and_tokenizer, rebuild_from_checkpoint, write_meta
-from rllm_torch.sampling import score, token_logprobs
+from rllm_torch.sampling import response_logits, score, token_logprobs
 
 __all__ = ["TorchBackend", "TrainBatch"]
 
@@ -102,6 +103,12 @@ class TorchBackend(Backend):
         self.updates = 0
         self._train_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rllm-torch-train")
         self._train_lock = threading.Lock()
+        if cfg.gc_freeze:
+            # torch + transformers leave ~10^6 long-lived objects behind; every full collection
+            # (every other step with ~1,000 episodes per step) would walk them all, 0.1-0.2 s each
+            # time on the 2-core dev box. Frozen objects are skipped by the collector from now on.
+            gc.collect()
+            gc.freeze()
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -165,40 +172,67 @@ class TorchBackend(Backend):
         await loop.run_in_executor(self._train_executor, self._fill_logprobs, batch)
 
     def _fill_logprobs(self, batch: TrainBatch) -> None:
+        share = self._share_prompts
         with self._train_lock:
             need = [i for i, lp in enumerate(batch.old_logprobs) if lp is None or self.cfg.recompute_old_logprobs]
             for idx in self._chunks(need, batch):
-                lps = score(self.policy, [(batch.prompts[i], batch.responses[i]) for i in idx], pad_id=self._pad)
-                for i, lp in zip(idx, lps, strict=False):
+                rows = [(batch.prompts[i], batch.responses[i]) for i in idx]
+                for i, lp in zip(idx, score(self.policy, rows, pad_id=self._pad, share_prompts=share), strict=True):
                     batch.old_logprobs[i] = lp
             if self.config.algorithm.loss.kl_coef > 0 and self.runtime.reference is not None:
                 batch.ref_logprobs = [[] for _ in range(len(batch))]
                 for idx in self._chunks(list(range(len(batch))), batch):
+                    rows = [(batch.prompts[i], batch.responses[i]) for i in idx]
                     with self.runtime.lock:
-                        lps = score(
-                            self.runtime.reference,
-                            [(batch.prompts[i], batch.responses[i]) for i in idx],
-                            pad_id=self._pad,
-                        )
-                    for i, lp in zip(idx, lps, strict=False):
+                        lps = score(self.runtime.reference, rows, pad_id=self._pad, share_prompts=share)
+                    for i, lp in zip(idx, lps, strict=True):
                         batch.ref_logprobs[i] = lp
 
     @property
     def _pad(self) -> int:
         return self.tokenizer.pad_token_id
 
+    @property
+    def _share_prompts(self) -> bool:
+        # gradient checkpointing turns the KV cache off in training, which prompt sharing relies on
+        return self.cfg.share_prompt_prefix and not self.cfg.gradient_checkpointing
+
     def _chunks(self, idx: list[int], batch: TrainBatch) -> list[list[int]]:
-        """Split row indices into micro-batches whose padded size stays under the token budget."""
+        """Split row indices into micro-batches whose padded size stays under the token budget.
+
+        With prompt sharing, rows are ordered by prompt (a group stays in one micro-batch where it
+        fits) and a micro-batch costs ``distinct_prompts * prompt_width + rows * response_width``;
+        without, rows are ordered by length (less padding) and cost ``rows * sequence_width``.
+        """
+        share = self._share_prompts
+        if share:
+            first: dict[tuple[int, ...], int] = {}
+            keys = {i: first.setdefault(tuple(batch.prompts[i]), len(first)) for i in idx}
+            idx = sorted(idx, key=keys.__getitem__)
+        else:
+            idx = sorted(idx, key=lambda i: len(batch.prompts[i]) + len(batch.responses[i]))
         out: list[list[int]] = []
         cur: list[int] = []
-        width = 0
+        seen: set[tuple[int, ...]] = set()
+        p_w = r_w = 0
         for i in idx:
-            n = len(batch.prompts[i]) + len(batch.responses[i])
-            if cur and max(width, n) * (len(cur) + 1) > self.cfg.micro_batch_tokens:
+            p, r = batch.prompts[i], batch.responses[i]
+            if share:
+                key = tuple(p)
+                new_p = max(p_w, len(p))
+                cost = (len(seen) + (key not in seen)) * new_p + (len(cur) + 1) * max(r_w, len(r))
+            else:
+                cost = (len(cur) + 1) * max(p_w + r_w, len(p) + len(r))
+            if cur and cost > self.cfg.micro_batch_tokens:
                 out.append(cur)
-                cur, width = [], 0
+                cur, p_w, r_w = [], 0, 0
+                seen = set()
             cur.append(i)
-            width = max(width, n)
+            if share:
+                seen.add(tuple(p))
+                p_w, r_w = max(p_w, len(p)), max(r_w, len(r))
+            else:
+                p_w, r_w = 0, max(p_w + r_w, len(p) + len(r))
         if cur:
             out.append(cur)
         return out
@@ -220,7 +254,14 @@ class TorchBackend(Backend):
     def _train_step(self, batch: TrainBatch, advantages: list[list[float]]) -> dict[str, float]:
         loss_cfg = self.config.algorithm.loss
         start = time.perf_counter()
+        share = self._share_prompts
         lock = self.runtime.lock if not self.separate_sampler else _NULL_LOCK
+        rows = list(range(len(batch)))
+        # A row whose every advantage is 0 adds exactly 0 to the gradient of both losses; it only
+        # matters through the entropy bonus or the KL term. Its weight stays in the aggregation.
+        only_pg = self.cfg.entropy_coef == 0 and not (loss_cfg.kl_coef > 0 and batch.ref_logprobs is not None)
+        if self.cfg.skip_zero_advantage and only_pg:
+            rows = [i for i in rows if any(a != 0.0 for a in advantages[i])]
         with self._train_lock, lock:
             self.policy.train()
             self.optimizer.zero_grad(set_to_none=True)
@@ -230,20 +271,8 @@ class TorchBackend(Backend):
                 offsets.append(offsets[-1] + len(r))
             sums: dict[str, float] = {}
             n_tokens = 0
-            padded = 0
-            for idx in self._chunks(list(range(len(batch))), batch):
-                rows = [(batch.prompts[i], batch.responses[i]) for i in idx]
-                width = max(len(p) + len(r) for p, r in rows)
-                padded += width * len(rows)
-                ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
-                attn = torch.zeros_like(ids)
-                target_mask = torch.zeros((len(rows), width - 1), dtype=torch.bool)
-                for j, (p, r) in enumerate(rows):
-                    seq = p + r
-                    ids[j, : len(seq)] = torch.tensor(seq)
-                    attn[j, : len(seq)] = 1
-                    target_mask[j, len(p) - 1 : len(seq) - 1] = True
-                ids, attn, target_mask = ids.to(self.device), attn.to(self.device), target_mask.to(self.device)
+            fed = fed_real = 0
+            for idx in self._chunks(rows, batch):
 
                 def flat(values: list[list[float]], idx: list[int] = idx) -> torch.Tensor:
                     return torch.tensor([v for i in idx for v in values[i]], dtype=torch.float32, device=self.device)
@@ -253,9 +282,17 @@ class TorchBackend(Backend):
                 ref = flat(batch.ref_logprobs) if batch.ref_logprobs is not None else None
                 w = torch.cat([weights[offsets[i] : offsets[i + 1]] for i in idx]).to(self.device)
 
-                logits = self.policy(input_ids=ids, attention_mask=attn, use_cache=False).logits
-                sel = logits[:, :-1][target_mask]
-                logp = token_logprobs(sel, ids[:, 1:][target_mask])
+                sel, targets = response_logits(
+                    self.policy,
+                    [(batch.prompts[i], batch.responses[i]) for i in idx],
+                    pad_id=self._pad,
+                    share_prompts=share,
+                )
+                padded, real = _forward_tokens(
+                    [batch.prompts[i] for i in idx], [batch.responses[i] for i in idx], share
+                )
+                fed, fed_real = fed + padded, fed_real + real
+                logp = token_logprobs(sel, targets)
                 loss_t, stats = policy_loss(
                     logp,
                     old,
@@ -281,9 +318,12 @@ class TorchBackend(Backend):
                     stats["approx_kl_old"] = (old - logp.detach()) ** 2 * 0.5
                     for key, val in stats.items():
                         sums[key] = sums.get(key, 0.0) + float(val.float().sum())
-                n_tokens += int(target_mask.sum())
-                del logits, sel
+                n_tokens += int(targets.numel())
+                del sel
             params = [p for p in self.policy.parameters() if p.requires_grad]
+            for p in params:
+                if p.grad is None:  # every row skipped: a zero gradient, so AdamW still does its step
+                    p.grad = torch.zeros_like(p)
             clip = self.config.algorithm.optim.grad_clip
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
             lr = self.scheduler.get_last_lr()[0]
@@ -294,7 +334,7 @@ class TorchBackend(Backend):
         elapsed = time.perf_counter() - start
         real_tokens = sum(len(p) + len(r) for p, r in zip(batch.prompts, batch.responses, strict=True))
         metrics = {f"actor/{k}": v / max(1, n_tokens) for k, v in sums.items() if k not in ("clipped", "ratio")}
-        metrics["actor/ratio_mean"] = sums["ratio"] / max(1, n_tokens)
+        metrics["actor/ratio_mean"] = sums.get("ratio", float(n_tokens)) / max(1, n_tokens)
         if "clipped" in sums:
             metrics["actor/clip_frac"] = sums["clipped"] / max(1, n_tokens)
         metrics.update(
@@ -302,8 +342,10 @@ class TorchBackend(Backend):
                 "actor/grad_norm": float(grad_norm),
                 "actor/lr": lr,
                 "actor/num_seqs": float(len(batch)),
+                "actor/trained_seqs": float(len(rows)),
                 "actor/num_tokens": float(n_tokens),
-                "actor/pad_frac": 1.0 - real_tokens / padded,
+                "actor/forward_tokens": float(fed),
+                "actor/pad_frac": 1.0 - fed_real / max(1, fed),
                 "actor/tokens_per_s": real_tokens / elapsed,
                 "actor/update_s": elapsed,
             }
@@ -408,6 +450,18 @@ class _NullLock:
 
 
 _NULL_LOCK = _NullLock()
+
+
+def _forward_tokens(prompts: list[list[int]], responses: list[list[int]], share: bool) -> tuple[int, int]:
+    """Tokens one micro-batch feeds through the model (see ``response_logits``): padded, and real."""
+    n, r_w = len(prompts), max(len(r) for r in responses)
+    distinct = {tuple(p) for p in prompts}
+    rest = sum(len(r) - 1 for r in responses)
+    if share and len(distinct) < n:
+        padded = len(distinct) * max(len(p) for p in distinct) + (n * (r_w - 1) if r_w > 1 else 0)
+        return padded, sum(len(p) for p in distinct) + rest
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True)) - 1
+    return n * width, sum(map(len, prompts)) + rest
 
 
 def _advantage_list(step: Any, n: int) -> list[float]:

@@ -74,6 +74,17 @@ class TorchBackendConfig(_Section):
     """Train LoRA adapters instead of all weights."""
     separate_sampler: bool | None = None
     """Sampler keeps its own copy of the weights; None: only in async mode (so generation and training overlap)."""
+    share_prompt_prefix: bool = True
+    """Run each distinct prompt of a micro-batch once and its responses against the shared KV cache
+    (training and scoring): a group of ``n`` rollouts of one prompt pays for the prompt once. Exact up
+    to float rounding; off with ``gradient_checkpointing``."""
+    skip_zero_advantage: bool = True
+    """Leave out of the forward/backward the rows whose advantages are all 0 (e.g. GRPO groups with
+    equal rewards): they add exactly 0 to the gradient. Only when ``entropy_coef`` is 0 and there is
+    no KL term (where they would count)."""
+    gc_freeze: bool = True
+    """After building the model, ``gc.freeze()`` the objects alive so far (torch, transformers, the
+    model), so Python's full garbage collections stop re-walking them every few steps."""
     recompute_old_logprobs: bool = False
     """Recompute the behaviour logprobs with the current weights instead of trusting the sampler's."""
     entropy_coef: float = Field(0.0, ge=0)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GenParams", "GenResult", "generate", "score", "token_logprobs"]
+__all__ = ["GenParams", "GenResult", "generate", "response_logits", "score", "token_logprobs"]
 
 
 @dataclass
@@ -82,10 +82,13 @@ def generate(
 
     device = next(model.parameters()).device
     b = len(prompts)
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
-    attn = torch.zeros((b, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
+    # A group sends one prompt n times: each distinct prompt is run once, its cache gathered per row.
+    uniq: dict[tuple[int, ...], int] = {}
+    owner = [uniq.setdefault(tuple(p), len(uniq)) for p in prompts]
+    width = max(len(p) for p in uniq)
+    input_ids = torch.full((len(uniq), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(uniq), width), dtype=torch.long)
+    for i, p in enumerate(uniq):
         input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         attn[i, width - len(p) :] = 1
     input_ids, attn = input_ids.to(device), attn.to(device)
@@ -101,6 +104,10 @@ def generate(
     out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
     logits = out.logits[:, -1, :]
     last_pos = pos[:, -1]
+    if len(uniq) < b:
+        idx = torch.tensor(owner, dtype=torch.long, device=device)
+        cache.reorder_cache(idx)
+        logits, attn, last_pos = logits.index_select(0, idx), attn.index_select(0, idx), last_pos.index_select(0, idx)
     for _ in range(max(budget)):
         if all(done):
             break
@@ -131,25 +138,96 @@ def generate(
             input_ids=tokens.unsqueeze(-1),
             attention_mask=attn,
             position_ids=last_pos.unsqueeze(-1),
-            past_key_values=out.past_key_values,
+            past_key_values=cache,
             use_cache=True,
         )
         logits = out.logits[:, -1, :]
     return results
 
 
-@torch.inference_mode()
-def score(model: Any, rows: list[tuple[list[int], list[int]]], *, pad_id: int) -> list[list[float]]:
-    """Teacher-forced logprobs of each response following its prompt (right-padded, one forward)."""
+def response_logits(
+    model: Any, rows: list[tuple[list[int], list[int]]], *, pad_id: int, share_prompts: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits predicting every response token, and those tokens: flat, rows in order, tokens in order.
+
+    Differentiable (call under ``no_grad``/``inference_mode`` when scoring). With ``share_prompts``
+    and repeated prompts (a GRPO group sends one prompt ``n`` times), each distinct prompt runs once
+    and its KV cache is gathered per row (gradients flow back through the gather), then the
+    responses run against that cache: the structure of the sampler's own pass, at roughly
+    ``unique_prompt_tokens + response_tokens`` instead of ``rows * (prompt + response)`` tokens.
+    The last response token is never fed (nothing is predicted from it).
+    """
     device = next(model.parameters()).device
-    width = max(len(p) + len(r) for p, r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    uniq: dict[tuple[int, ...], int] = {}
+    owner = [uniq.setdefault(tuple(p), len(uniq)) for p, _ in rows]
+    n = len(rows)
+    resp_w = max(len(r) for _, r in rows)
+    targets = torch.full((n, resp_w), pad_id, dtype=torch.long)
+    tmask = torch.zeros((n, resp_w), dtype=torch.bool)
+    for i, (_, r) in enumerate(rows):
+        targets[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        tmask[i, : len(r)] = True
+    targets, tmask = targets.to(device), tmask.to(device)
+    if not share_prompts or len(uniq) == n:
+        width = max(len(p) + len(r) for p, r in rows) - 1
+        ids = torch.full((n, width), pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        gather = torch.zeros((n, resp_w), dtype=torch.long)
+        for i, (p, r) in enumerate(rows):
+            seq = (list(p) + list(r))[:-1]
+            ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            attn[i, : len(seq)] = 1
+            gather[i] = torch.arange(len(p) - 1, len(p) - 1 + resp_w).clamp(max=width - 1)
+        ids, attn, gather = ids.to(device), attn.to(device), gather.to(device)
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        logits = logits.gather(1, gather.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+        return logits[tmask], targets[tmask]
+    from transformers import DynamicCache
+
+    prompts = list(uniq)
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
-    for i, (p, r) in enumerate(rows):
-        seq = list(p) + list(r)
-        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        attn[i, : len(seq)] = 1
+    for i, p in enumerate(prompts):  # left-padded, as in the sampler: the last column is every prompt's end
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attn[i, width - len(p) :] = 1
     ids, attn = ids.to(device), attn.to(device)
-    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
-    lp = token_logprobs(logits[:, :-1], ids[:, 1:])
-    return [lp[i, len(p) - 1 : len(p) - 1 + len(r)].tolist() for i, (p, r) in enumerate(rows)]
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+    idx = torch.tensor(owner, dtype=torch.long, device=device)
+    first = out.logits[:, -1].index_select(0, idx).unsqueeze(1)
+    if resp_w == 1:
+        return first[tmask], targets[tmask]
+    cache.reorder_cache(idx)
+    rest = targets[:, :-1]
+    rest_mask = tmask[:, :-1].long()
+    out = model(
+        input_ids=rest,
+        attention_mask=torch.cat([attn.index_select(0, idx), rest_mask], dim=1),
+        position_ids=pos[:, -1:].index_select(0, idx) + 1 + torch.arange(resp_w - 1, device=device),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    logits = torch.cat([first, out.logits], dim=1)
+    return logits[tmask], targets[tmask]
+
+
+@torch.inference_mode()
+def score(
+    model: Any, rows: list[tuple[list[int], list[int]]], *, pad_id: int, share_prompts: bool = True
+) -> list[list[float]]:
+    """Teacher-forced logprobs of each response following its prompt (see :func:`response_logits`)."""
+    rows = [(list(p), list(r)) for p, r in rows]
+    keep = [i for i, (_, r) in enumerate(rows) if r]
+    out: list[list[float]] = [[] for _ in rows]
+    if not keep:
+        return out
+    logits, targets = response_logits(model, [rows[i] for i in keep], pad_id=pad_id, share_prompts=share_prompts)
+    flat = token_logprobs(logits, targets).tolist()
+    pos = 0
+    for i in keep:
+        n = len(rows[i][1])
+        out[i] = flat[pos : pos + n]
+        pos += n
+    return out

@@ -178,3 +178,21 @@ def test_entropy_bonus_raises_entropy_without_advantages():
     for _ in range(3):
         last = _train(b, groups_from_outputs(outs, [0.0] * 16)).metrics["actor/entropy"]
     assert last > first
+
+
+def test_prompt_sharing_and_zero_advantage_skipping_give_the_same_update():
+    """Both shortcuts are exact: the same parameters after a step as the plain full-sequence pass."""
+    plain = backend(**{"torch.share_prompt_prefix": "false", "torch.skip_zero_advantage": "false"})
+    fast = backend()
+    outs = _sample(plain, n=16, max_tokens=3)
+    groups = groups_from_outputs(outs[:8], [float(i % 2) for i in range(8)], task_id="a")
+    groups += groups_from_outputs(outs[8:], [1.0] * 8, task_id="b")  # equal rewards: advantages all 0
+    m_plain = _train(plain, groups).metrics
+    m_fast = _train(fast, groups).metrics
+    assert m_plain["actor/trained_seqs"] == 16 and m_fast["actor/trained_seqs"] == 8
+    assert m_fast["actor/forward_tokens"] < m_plain["actor/forward_tokens"]
+    assert m_fast["actor/grad_norm"] == pytest.approx(m_plain["actor/grad_norm"], rel=1e-4)
+    # gradients, not parameters: Adam's first step turns float noise in ~0 gradients into +-lr
+    grads = {n: p.grad for n, p in fast.policy.named_parameters()}
+    for name, p in plain.policy.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-4)

@@ -118,3 +118,19 @@ def test_reference_logprobs_follow_refresh(be):
     assert ref == pytest.approx(pol, abs=1e-6)
     with pytest.raises(ValueError, match="model must be"):
         asyncio.run(engine.compute_logprobs(out.prompt_ids, out.completion_ids, model="teacher"))
+
+
+def test_shared_prompt_scoring_matches_full_sequences(be):
+    """Prompts of different lengths (left padding in the shared pass), each repeated, vs one pass per row."""
+    import random
+
+    from rllm_torch.sampling import score
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(6, 27) for _ in range(n)] for n in (2, 5, 9)]
+    rows = [(rng.choice(prompts), [rng.randrange(6, 27) for _ in range(rng.randint(1, 5))]) for _ in range(24)]
+    shared = score(be.policy, rows, pad_id=be.tokenizer.pad_token_id)
+    plain = score(be.policy, rows, pad_id=be.tokenizer.pad_token_id, share_prompts=False)
+    assert [len(s) for s in shared] == [len(r) for _, r in rows]
+    diffs = [abs(a - b) for s, p in zip(shared, plain, strict=True) for a, b in zip(s, p, strict=True)]
+    assert max(diffs) < 1e-5
