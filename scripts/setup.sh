@@ -5,14 +5,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${RLLM_VENV:-.venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
-"${PIP[@]}" --upgrade pip >/dev/null
-"${PIP[@]}" "torch==2.13.0"
+LOG="$VENV/setup.log"
+: >"$LOG"
+pip_install() {  # quiet unless it fails: then the whole log
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" >>"$LOG" 2>&1 || {
+    cat "$LOG" >&2
+    echo "setup failed: pip install $*" >&2
+    exit 1
+  }
+}
+echo "installing into $VENV (torch 2.13.0 CPU first, then rllm-core and the plugins; log: $LOG)"
+pip_install --upgrade pip
+pip_install "torch==2.13.0"
 pkgs=(-e ".[dev,parquet]")
 for dir in plugins/*/ examples/*/ rllm_tinker/ rllm_verl/; do
   [ -f "$dir/pyproject.toml" ] || continue
   # A plugin's `test` extra holds what its tests need beyond its own dependencies (e.g. peft).
   if grep -q '^test = ' "$dir/pyproject.toml"; then pkgs+=(-e "${dir%/}[test]"); else pkgs+=(-e "$dir"); fi
 done
-"${PIP[@]}" "${pkgs[@]}" "torch==2.13.0"
+pip_install "${pkgs[@]}" "torch==2.13.0"
 echo "ready: $VENV ($("$VENV/bin/python" -c 'import rllm_core; print("rllm-core", rllm_core.__version__)'))"
