@@ -33,6 +33,7 @@ from typing import Any
 
 from rllm_core.types import RewardOutput
 from rllm_rewards._common import RewardTaskError, action_text, clip, task_value, zero
+from rllm_rewards.sympy_worker import braced
 
 __all__ = ["extract_answer", "math_equal", "math_reward", "normalize_answer"]
 
@@ -50,14 +51,10 @@ def _last_boxed(text: str) -> str | None:
             if m:
                 return m.group(1)
             continue
-        depth = 0
-        for j in range(i, len(text)):
-            if text[j] == "{":
-                depth += 1
-            elif text[j] == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[i + 1 : j]
+        try:
+            return braced(text, i)[0]
+        except ValueError:  # unbalanced: try an earlier \boxed
+            continue
     return None
 
 

@@ -24,7 +24,7 @@ _TOKEN_OK = re.compile(r"[0-9A-Za-z+\-*/().,\s]*")
 _NAME = re.compile(r"[A-Za-z]+")
 
 
-def _braced(s: str, i: int) -> tuple[str, int]:
+def braced(s: str, i: int) -> tuple[str, int]:
     """The content of the brace group starting at ``s[i] == '{'`` and the index after it."""
     depth = 0
     for j in range(i, len(s)):
@@ -44,7 +44,7 @@ def _arg(s: str, i: int) -> tuple[str, int]:
     if i >= len(s):
         raise ValueError("missing argument")
     if s[i] == "{":
-        return _braced(s, i)
+        return braced(s, i)
     return s[i], i + 1
 
 
