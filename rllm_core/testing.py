@@ -296,6 +296,8 @@ class RecordingHooks:
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
         self.settings = dict(settings or {})
         self.calls: list[tuple[str, Any]] = []
+        self.metrics_by_step: dict[int, dict[str, float]] = {}
+        """What the trainer handed ``on_batch_end`` (and so its loggers), by step."""
 
     def names(self) -> list[str]:
         return [name for name, _ in self.calls]
@@ -323,6 +325,7 @@ class RecordingHooks:
     @hookimpl
     def on_batch_end(self, trainer: Any, metrics: dict) -> None:
         self.calls.append(("on_batch_end", metrics.get("trainer/step")))
+        self.metrics_by_step[trainer.step] = dict(metrics)
 
     @hookimpl
     def on_policy_updated(self, trainer: Any, version: int) -> None:

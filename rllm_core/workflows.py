@@ -484,30 +484,21 @@ class WorkflowEngine:
                     continue
                 last = traj.steps[-1]
                 todo.append((traj, last.action if last.action is not None else last.model_response))
-            if self._rewards is not None:
-                # Submit every trajectory before awaiting any, so that they share worker-thread hops.
-                submitted = [(traj, self._rewards.submit(task, action)) for traj, action in todo]
-                for traj, fut in submitted:
-                    try:
-                        out = await fut
-                        if inspect.isawaitable(out):
-                            out = await asyncio.wait_for(out, self.config.reward.timeout)
-                        traj.reward, is_correct = _reward_value(out)
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception as exc:
-                        traj.reward, is_correct = self._reward_failed(exc, episode)
-                    correct.append(is_correct)
-            else:
-                for traj, action in todo:
-                    try:
-                        out = await asyncio.wait_for(self.reward_fn(task, action), self.config.reward.timeout)
-                        traj.reward, is_correct = _reward_value(out)
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception as exc:
-                        traj.reward, is_correct = self._reward_failed(exc, episode)
-                    correct.append(is_correct)
+            timeout = self.config.reward.timeout
+            # Sync rewards: submit every trajectory before awaiting any, so they share worker-thread
+            # hops. Async rewards are called one at a time below.
+            futures = [self._rewards.submit(task, action) for _, action in todo] if self._rewards is not None else None
+            for i, (traj, action) in enumerate(todo):
+                try:
+                    out = await futures[i] if futures is not None else self.reward_fn(task, action)
+                    if inspect.isawaitable(out):
+                        out = await asyncio.wait_for(out, timeout)
+                    traj.reward, is_correct = _reward_value(out)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    traj.reward, is_correct = self._reward_failed(exc, episode)
+                correct.append(is_correct)
         if correct:
             episode.is_correct = any(correct)
         elif derive and episode.trajectories:

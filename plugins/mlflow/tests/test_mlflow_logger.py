@@ -14,7 +14,6 @@ from rllm_mlflow import MlflowLogger
 from rllm_mlflow.logger import flatten
 
 from rllm_core.config import ConfigError, load_config, validate_plugin_sections
-from rllm_core.hookspecs import hookimpl
 from rllm_core.plugins import get_registry
 from rllm_core.types import Episode, ModelOutput, Step, Trajectory
 
@@ -159,22 +158,12 @@ def test_registered_through_its_entry_point_with_validated_settings():
         validate_plugin_sections(config)
 
 
-class MetricsRecorder:
-    """Keeps what the trainer hands its loggers at each step."""
-
-    def __init__(self) -> None:
-        self.by_step: dict[int, dict[str, float]] = {}
-
-    @hookimpl
-    def on_batch_end(self, trainer, metrics: dict) -> None:
-        self.by_step[trainer.step] = dict(metrics)
-
-
 def train(config):
+    from rllm_core.testing import RecordingHooks
     from rllm_core.trainer import UnifiedTrainer
 
     trainer = UnifiedTrainer(config)
-    recorder = MetricsRecorder()
+    recorder = RecordingHooks()
     trainer.runner.add("recorder", recorder)
     trainer.fit()
     return trainer, recorder
@@ -193,9 +182,9 @@ def test_training_run_writes_its_metrics_to_the_store(tmp_path, monkeypatch):
     (run,) = client.search_runs([client.get_experiment_by_name("sim").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["backend"] == "simulated"
-    assert sorted(recorder.by_step) == [1, 2, 3]
+    assert sorted(recorder.metrics_by_step) == [1, 2, 3]
     history = {(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/reward/mean")}
-    assert history == {(step, m["train/reward/mean"]) for step, m in recorder.by_step.items()}
+    assert history == {(step, m["train/reward/mean"]) for step, m in recorder.metrics_by_step.items()}
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "episodes")}
     assert artifacts == {f"episodes/step_{s:06d}.json" for s in (1, 2, 3)}
 
@@ -208,4 +197,4 @@ def test_training_goes_on_when_the_tracking_server_is_down(tmp_path, fast_http):
     with pytest.warns(RuntimeWarning, match="mlflow logger: start failed"):
         trainer, recorder = train(config)
     assert trainer.step == 2
-    assert sorted(recorder.by_step) == [1, 2]
+    assert sorted(recorder.metrics_by_step) == [1, 2]

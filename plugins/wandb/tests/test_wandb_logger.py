@@ -16,7 +16,6 @@ import pytest
 from rllm_wandb import WandbLogger
 
 from rllm_core.config import ConfigError, load_config, validate_plugin_sections
-from rllm_core.hookspecs import hookimpl
 from rllm_core.plugins import get_registry
 from rllm_core.types import Episode, ModelOutput, Step, Trajectory
 
@@ -168,26 +167,15 @@ def test_registered_through_its_entry_point_with_validated_settings():
         validate_plugin_sections(config)
 
 
-class MetricsRecorder:
-    """Keeps what the trainer hands its loggers at each step."""
-
-    def __init__(self) -> None:
-        self.by_step: dict[int, dict[str, float]] = {}
-
-    @hookimpl
-    def on_batch_end(self, trainer: Any, metrics: dict) -> None:
-        self.by_step[trainer.step] = dict(metrics)
-
-
 def test_training_run_writes_its_metrics_to_the_offline_run(tmp_path):
-    from rllm_core.testing import simulated_config
+    from rllm_core.testing import RecordingHooks, simulated_config
     from rllm_core.trainer import UnifiedTrainer
 
     config = simulated_config(
         tmp_path, loggers={"wandb": {"mode": "offline", "project": "sim"}}, trainer={"total_steps": 3}
     )
     trainer = UnifiedTrainer(config)
-    recorder = MetricsRecorder()
+    recorder = RecordingHooks()
     trainer.runner.add("recorder", recorder)
     trainer.fit()
 
@@ -196,8 +184,8 @@ def test_training_run_writes_its_metrics_to_the_offline_run(tmp_path):
     rows = {}
     for row in history(records):
         rows.setdefault(row["_step"], {}).update(row)
-    assert sorted(recorder.by_step) == [1, 2, 3]
-    for step, metrics in recorder.by_step.items():
+    assert sorted(recorder.metrics_by_step) == [1, 2, 3]
+    for step, metrics in recorder.metrics_by_step.items():
         logged = {k: rows[step][k] for k in metrics}  # every metric of the step is in the run
         assert logged == pytest.approx(metrics)
         assert "train/reward/mean" in logged
