@@ -10,7 +10,14 @@ Reads ``task["tests"]`` (``tests_key``), one of:
 The candidate is the last fenced ```` ```python ```` (or ```` ```py ````, or unlabeled) block of
 the response, else the whole response. Reward: the fraction of tests passed, or 1/0 with
 ``all_or_nothing=True``; ``is_correct`` = every test passed. Limits: see
-:class:`rllm_rewards.sandbox.SandboxLimits` (pass ``limits=`` or the individual keyword arguments).
+:class:`rllm_rewards.sandbox.SandboxLimits` (pass ``limits=`` or the individual keyword arguments,
+e.g. ``reward.args.allow_unisolated_files`` in a config).
+
+Where the sandbox cannot isolate the file system (and ``allow_unisolated_files`` is off), nothing
+runs and the call raises :class:`~rllm_rewards.sandbox.SandboxUnavailableError`, which says why and
+how to allow it. The trainer scores such a call 0 and counts it in ``reward/errors`` (with the
+message in the episode's ``info["reward_error"]``), so the run goes on and the metric says that
+nothing was graded; check :func:`rllm_rewards.sandbox.available_layers` before a long run.
 """
 
 from __future__ import annotations
@@ -84,7 +91,7 @@ async def code_reward(
     code = extract_code(text)
     if not code.strip():
         return zero("no code found", passed=0, total=len(tests))
-    result = await run_python_tests(code, tests, mode, limits)
+    result = await run_python_tests(code, tests, mode, limits)  # SandboxUnavailableError: counted by the trainer
     n_pass = sum(result.passed)
     all_pass = n_pass == len(tests)
     reward = float(all_pass) if all_or_nothing else n_pass / len(tests)

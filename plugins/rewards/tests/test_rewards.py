@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import inspect
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from rllm_rewards import (
@@ -24,7 +27,7 @@ from rllm_rewards import (
     multiple_choice_reward,
     normalize_answer,
 )
-from rllm_rewards.sandbox import available_layers
+from rllm_rewards.sandbox import SandboxLimits, SandboxUnavailableError, available_layers, run_python_tests
 
 from rllm_core.types import RewardOutput
 
@@ -366,10 +369,6 @@ def test_code_malformed_action(action):
     assert out.reward == 0.0 and out.metadata["reason"]
 
 
-def _sandbox_dirs() -> set[str]:
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "rllm-code-*")))
-
-
 HOSTILE = [
     ("infinite loop", "while True:\n    pass\ndef add(a, b): return a + b", "timeout"),
     ("infinite loop in a test", "def add(a, b):\n    while True: pass", "timeout"),
@@ -393,8 +392,8 @@ HOSTILE = [
 
 
 @pytest.mark.parametrize(("name", "code", "reason"), HOSTILE, ids=[h[0] for h in HOSTILE])
-def test_code_hostile_snippets_are_contained(name, code, reason):
-    before = _sandbox_dirs()
+def test_code_hostile_snippets_are_contained(name, code, reason, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # scratch dirs no concurrent run shares
     start = time.monotonic()
     out = call(code_reward, ADD_TESTS, fenced(code), **TIGHT)
     elapsed = time.monotonic() - start
@@ -402,12 +401,13 @@ def test_code_hostile_snippets_are_contained(name, code, reason):
     assert reason in out.metadata["reason"] + " ".join(out.metadata["failures"])
     assert elapsed < TIGHT["timeout"] + 4  # the wall limit plus cleanup
     assert len(out.metadata["stderr"]) <= 1100
-    assert _sandbox_dirs() <= before  # the temp dir is gone
+    assert glob.glob(str(tmp_path / "rllm-code-*")) == []  # the scratch dir is gone
     # the test process is fine: it can still start a child and get its output
     assert subprocess.run([sys.executable, "-c", "print(1)"], capture_output=True, timeout=30).stdout == b"1\n"
 
 
-def test_fork_bomb_leaves_no_processes_behind():
+def test_fork_bomb_leaves_no_processes_behind(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # a scratch path no concurrent run shares
     code = (
         "import os, time\nfor _ in range(50):\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
         + "time.sleep(30)"
@@ -415,7 +415,7 @@ def test_fork_bomb_leaves_no_processes_behind():
     out = call(code_reward, ADD_TESTS, fenced(code), **{**TIGHT, "timeout": 2, "test_timeout": 10})
     assert out.reward == 0.0 and out.metadata["timed_out"]
     time.sleep(0.2)
-    survivors = subprocess.run(["pgrep", "-f", "rllm-code-"], capture_output=True, text=True).stdout.split()
+    survivors = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
     assert survivors == []
 
 
@@ -469,6 +469,150 @@ def test_layers_report_what_is_in_force():
     layers = available_layers()
     assert layers["network"] in ("namespace", "prelude")
     assert layers["processes"] in ("cgroup", "rlimit", "prelude")
+    assert layers["files"].split(":")[0].split(" ")[0] in ("mount-ns", "landlock", "none")
+    out = call(code_reward, ADD_TESTS, fenced("def add(a, b): return a + b"), **TIGHT)
+    assert out.metadata["sandbox"]["files"] == layers["files"]
+
+
+# --- code: the file system ----------------------------------------------------------------------
+
+MECHANISMS = ["mount", "landlock"]
+
+
+@pytest.fixture(params=MECHANISMS)
+def isolated(request) -> dict:
+    """TIGHT limits with one file-isolation mechanism; skipped where the kernel does not allow it."""
+    files = available_layers(SandboxLimits(isolate_files=request.param))["files"]
+    if files.startswith("none"):
+        pytest.skip(f"{request.param} isolation is not available here: {files}")
+    return {**TIGHT, "isolate_files": request.param}
+
+
+@pytest.fixture
+def run_dir():
+    """A directory outside the temp dir, standing for the trainer's run directory (git ignores runs/)."""
+    parent = Path(__file__).resolve().parent / "runs"
+    parent.mkdir(exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="sandbox-victim-", dir=parent))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        parent.rmdir()
+
+
+def test_code_cannot_overwrite_files_outside_its_scratch_dir(isolated, run_dir, tmp_path):
+    victims = [run_dir / "checkpoint.pt", tmp_path / "data.jsonl"]
+    for victim in victims:
+        victim.write_text("precious")
+    at_root = f"/rllm-sandbox-victim-{os.getpid()}"  # the test may run as root
+    code = (
+        f"WROTE = []\nfor path in {[str(v) for v in victims] + [at_root]!r}:\n"
+        "    try:\n        with open(path, 'w') as f:\n            f.write('destroyed')\n"
+        "        WROTE.append(path)\n    except OSError:\n        pass\n"
+    )
+    out = call(code_reward, {"tests": ["assert WROTE == [], WROTE"]}, fenced(code), **isolated)
+    created_at_root = os.path.exists(at_root)
+    if created_at_root:
+        os.unlink(at_root)
+    assert [v.read_text() for v in victims] == ["precious", "precious"]
+    assert not created_at_root
+    assert out.is_correct, out.metadata  # the code ran, and every write failed
+
+
+def test_code_cannot_read_a_secret_in_the_home_dir(isolated, run_dir, monkeypatch):
+    home = run_dir / "home"
+    (home / ".ssh").mkdir(parents=True)
+    secret = home / ".ssh" / "id_rsa"
+    secret.write_text("TOP-SECRET-KEY")
+    monkeypatch.setenv("HOME", str(home))
+    code = f"try:\n    LEAK = open({str(secret)!r}).read()\nexcept OSError:\n    LEAK = None\nprint(LEAK)"
+    out = call(code_reward, {"tests": ["assert LEAK is None, LEAK"]}, fenced(code), **isolated)
+    assert out.is_correct, out.metadata
+    assert "TOP-SECRET" not in repr(out.metadata)
+
+
+def test_hidden_paths_are_unreadable(isolated, run_dir):
+    (run_dir / "credentials").write_text("TOP-SECRET")
+    code = f"try:\n    LEAK = open({str(run_dir / 'credentials')!r}).read()\nexcept OSError:\n    LEAK = None"
+    tests = {"tests": ["assert LEAK is None, LEAK"]}
+    assert call(code_reward, tests, fenced(code), hidden_paths=[str(run_dir)], **isolated).is_correct
+
+
+def test_code_can_use_its_scratch_dir_devices_and_the_standard_library(isolated):
+    code = (
+        "import os, tempfile, fractions, sqlite3\n"
+        "open('here.txt', 'w').write('cwd')\n"
+        "with tempfile.NamedTemporaryFile('w', delete=False) as f:\n    f.write('tmp')\n"
+        "READ = open('here.txt').read() + open(f.name).read()\n"
+        "open(os.devnull, 'w').write('x')\nRANDOM = os.urandom(4)\n"
+        "DB = sqlite3.connect(os.path.join(os.environ['HOME'], 'db.sqlite')).execute('select 1').fetchone()"
+    )
+    tests = ["assert READ == 'cwdtmp'", "assert len(RANDOM) == 4 and DB == (1,)"]
+    out = call(code_reward, {"tests": tests}, fenced(code), **isolated)
+    assert out.is_correct, out.metadata
+    assert out.metadata["sandbox"]["files"].startswith(
+        {"mount": "mount-ns", "landlock": "landlock"}[isolated["isolate_files"]]
+    )
+
+
+def test_code_cannot_undo_the_file_isolation(isolated, run_dir):
+    victim = run_dir / "checkpoint.pt"
+    victim.write_text("precious")
+    code = (
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nRESULTS = {}\n"
+        "RESULTS['remount /'] = libc.mount(None, b'/', None, 32 | 4096, None)  # MS_REMOUNT | MS_BIND, not MS_RDONLY\n"
+        "RESULTS['umount /tmp'] = libc.umount2(b'/tmp', 2)\n"
+        "RESULTS['new user+mount ns'] = libc.unshare(0x10000000 | 0x20000)\n"
+        "RESULTS['umount /tmp again'] = libc.umount2(b'/tmp', 2)\n"
+        "RESULTS['remount / again'] = libc.mount(None, b'/', None, 32 | 4096, None)\n"
+        f"try:\n    open({str(victim)!r}, 'w').write('destroyed')\n    RESULTS['write'] = 0\n"
+        "except OSError:\n    RESULTS['write'] = -1\n"
+    )
+    tests = ["assert all(v != 0 for k, v in RESULTS.items() if k != 'new user+mount ns'), RESULTS"]
+    out = call(code_reward, {"tests": tests}, fenced(code), **isolated)
+    assert victim.read_text() == "precious"
+    assert out.is_correct, out.metadata
+
+
+def test_code_reward_refuses_without_file_isolation_and_runs_nothing(run_dir):
+    marker = run_dir / "ran"
+    code = f"open({str(marker)!r}, 'w').write('x')\ndef add(a, b): return a + b"
+    # it raises, so the trainer scores 0 and counts it in reward/errors (never a silent 0)
+    with pytest.raises(SandboxUnavailableError, match="allow_unisolated_files"):
+        call(code_reward, ADD_TESTS, fenced(code), isolate_files="none", **TIGHT)
+    assert not marker.exists()
+
+
+def test_run_python_tests_raises_without_file_isolation():
+    limits = SandboxLimits(isolate_files="none", **TIGHT)
+    with pytest.raises(SandboxUnavailableError, match="allow_unisolated_files"):
+        asyncio.run(run_python_tests("x = 1", ["assert x == 1"], "assert", limits))
+
+
+def test_allow_unisolated_files_runs_and_says_so():
+    out = call(
+        code_reward,
+        ADD_TESTS,
+        fenced("def add(a, b): return a + b"),
+        isolate_files="none",
+        allow_unisolated_files=True,
+        **TIGHT,
+    )
+    assert out.is_correct
+    assert out.metadata["sandbox"]["files"].startswith("none, allowed by allow_unisolated_files")
+
+
+def test_file_isolation_options_come_from_the_reward_config():
+    from rllm_core.workflows import resolve_reward
+
+    fn = resolve_reward("code", {"isolate_files": "none", "allow_unisolated_files": True, **TIGHT})
+    out = asyncio.run(fn(ADD_TESTS, fenced("def add(a, b): return a + b")))
+    assert out.is_correct and out.metadata["sandbox"]["files"].startswith("none, allowed")
+
+
+def test_unknown_isolate_files_value_is_an_error():
+    with pytest.raises(ValueError, match="isolate_files"):
+        SandboxLimits(isolate_files="chroot")
 
 
 # --- registration -------------------------------------------------------------------------------
