@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "resolve_resume", "save_checkpoint"]
+__all__ = ["latest_checkpoint", "load_checkpoint", "resolve_resume", "rng_state", "save_checkpoint"]
 
 STATE_FILE = "trainer_state.json"
 _PREFIX = "step_"
@@ -43,7 +43,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """The python (and numpy, when imported) global RNG states, as :func:`save_checkpoint` stores them."""
     state: dict[str, Any] = {"python": random.getstate()}
     np = sys.modules.get("numpy")  # only if someone uses it; importing numpy costs 100+ ms
     if np is not None:
@@ -60,8 +61,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state(state["numpy"])
 
 
-def save_checkpoint(run_dir: Path, step: int, trainer_state: dict[str, Any], backend: Any, keep: int = 2) -> Path:
-    """Write a complete checkpoint for ``step`` atomically; keep the newest ``keep``."""
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    trainer_state: dict[str, Any],
+    backend: Any,
+    keep: int = 2,
+    rng: dict[str, Any] | None = None,
+) -> Path:
+    """Write a complete checkpoint for ``step`` atomically; keep the newest ``keep``.
+
+    ``rng``: the :func:`rng_state` to store, taken by a caller that writes from a thread while
+    its event loop goes on drawing numbers (default: the states now).
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{_PREFIX}{step:08d}"
@@ -73,7 +85,7 @@ def save_checkpoint(run_dir: Path, step: int, trainer_state: dict[str, Any], bac
     backend_dir.mkdir()
     backend.save_checkpoint(backend_dir)
     with (tmp / "rng.pkl").open("wb") as f:
-        pickle.dump(_rng_state(), f)
+        pickle.dump(rng if rng is not None else rng_state(), f)
         f.flush()
         os.fsync(f.fileno())
     with (tmp / STATE_FILE).open("w", encoding="utf-8") as f:

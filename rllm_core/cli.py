@@ -1,11 +1,12 @@
 """The ``rllm`` command line.
 
 ``rllm plugins [--json]``                      what is installed: each plugin, what it registers, load errors
-``rllm config show CONFIG [a.b=c ...]``        the resolved config as YAML
+``rllm config show CONFIG [a.b=c ...]``        the resolved config as YAML, plugin defaults included
 ``rllm train CONFIG [a.b=c ...]``              run ``UnifiedTrainer(load_config(...)).fit()``
 ``rllm export CHECKPOINT OUT [--backend NAME]`` the backend's export of a checkpoint (e.g. a HF model dir)
 
-Exit codes: 0 success, 1 runtime failure, 2 bad config or bad arguments, 130 interrupted.
+Exit codes: 0 success, 1 runtime failure (the traceback is printed), 2 bad config or bad
+arguments, 130 interrupted (``rllm train`` stopped by Ctrl-C, after its checkpoint).
 Importing this module is cheap; each command imports what it needs when it runs.
 """
 
@@ -110,12 +111,29 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
+    """The config the trainer would run: plugin sections resolved and filled with their defaults.
+
+    ``backend: auto`` becomes the backend the trainer would pick and its section, the hooks' and
+    the loggers' settings are shown with every default. A plugin problem (unknown name, bad
+    setting) is an error with ``--validate-plugins``; without it, a note on stderr, and what did
+    not resolve is shown as written.
+    """
     from omegaconf import OmegaConf
 
-    from rllm_core.config import load_config
+    from rllm_core.config import ConfigError, load_config, validate_plugin_sections
 
-    config = load_config(args.config, overrides=args.overrides, validate_plugins=args.validate_plugins)
-    sys.stdout.write(OmegaConf.to_yaml(OmegaConf.create(config.to_dict())))
+    config = load_config(args.config, overrides=args.overrides)
+    try:
+        validate_plugin_sections(config)
+    except ConfigError as exc:
+        if args.validate_plugins:
+            raise
+        print(f"rllm: note: plugin sections that did not resolve are shown as written: {exc}", file=sys.stderr)
+    shown = config.to_dict()
+    backend_section = config.plugin_config(config.backend)
+    if hasattr(backend_section, "model_dump"):  # validated: every default filled in
+        shown[config.backend] = backend_section.model_dump(mode="json")
+    sys.stdout.write(OmegaConf.to_yaml(OmegaConf.create(shown)))
     return EXIT_OK
 
 
@@ -129,7 +147,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides=args.overrides)
     from rllm_core.trainer import UnifiedTrainer
 
-    UnifiedTrainer(config).fit()
+    trainer = UnifiedTrainer(config)
+    trainer.fit()
+    if trainer.interrupted:  # stopped gracefully, but a wrapper must tell it from a finished run
+        where = f"; checkpoint {trainer.last_checkpoint}" if trainer.last_checkpoint else ""
+        print(f"rllm: interrupted at step {trainer.step}{where}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 
@@ -211,7 +234,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--validate-plugins",
         action="store_true",
-        help="also validate plugin sections (backend, hooks, loggers, estimators) against installed plugins",
+        help="make a plugin problem (unknown backend, workflow, reward, hook, logger or estimator; bad plugin setting) "
+        "an error (exit 2) instead of a note",
     )
     p.set_defaults(func=_cmd_config_show)
 
@@ -261,6 +285,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rllm: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -24,11 +24,12 @@ hookimpl = pluggy.HookimplMarker("rllm")
 
 @hookspec
 def register_backends(register: Any) -> None:
-    """Register backends: ``register(name, backend_cls, priority=0)``.
+    """Register backends: ``register(name, backend_cls, priority=0, auto=True)``.
 
     ``backend_cls`` is built as ``backend_cls(config)``; its ``config_model`` class attribute (a
     pydantic model) validates the config section named like the backend. The installed backend
-    with the highest ``priority`` is the default (``backend: auto``).
+    with the highest ``priority`` is the default (``backend: auto``); one registered with
+    ``auto=False`` (test support) is used only when named.
     """
 
 
@@ -83,7 +84,7 @@ def postprocess_opsd(episode: Any, engine: Any, config: Any) -> None:
 
 @hookspec
 def on_policy_updated(trainer: Any, version: int) -> None:
-    """The policy version changed to ``version``: called exactly once per version."""
+    """The sampler now serves ``version``: once per version it gets (``sync_every > 1``: synced ones only)."""
 
 
 @hookspec
@@ -103,7 +104,7 @@ def on_epoch_start(trainer: Any, epoch: int) -> None:
 
 @hookspec
 def on_epoch_end(trainer: Any, epoch: int) -> None:
-    """An epoch of the training data ended."""
+    """An epoch of the training data ended: every task of it was trained on (async: or given up)."""
 
 
 @hookspec

@@ -19,6 +19,7 @@ import difflib
 import importlib
 import inspect
 import os
+import pkgutil
 import sys
 import threading
 import time
@@ -142,14 +143,62 @@ def _report(info: PluginInfo, message: str, exc: BaseException | None = None) ->
 
 
 def import_object(spec: str) -> Any:
-    """Import ``package.module:attr.sub`` and return the attribute."""
+    """Import ``package.module:attr.sub`` and return the attribute.
+
+    The module must be importable: an installed package, or a module in a directory on
+    ``sys.path`` (e.g. one in ``PYTHONPATH``). The working directory is tried last when it is not
+    on ``sys.path``: ``python -m`` puts it there but console scripts such as ``rllm`` do not, and
+    appending it never shadows an installed module. Errors say which part is missing and list the
+    closest names.
+    """
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ValueError(f"expected 'module:attr', got {spec!r}")
-    obj: Any = importlib.import_module(module_name)
+    obj: Any = _import_module(module_name)
+    where = module_name
     for part in attr.split("."):
-        obj = getattr(obj, part)
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            raise AttributeError(f"{where!r} has no attribute {part!r}{_close_names(part, names)}") from None
+        where = f"{where}:{part}" if where == module_name else f"{where}.{part}"
     return obj
+
+
+def _close_names(name: str, candidates: Any) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=3)
+    return f" (close names: {', '.join(close)})" if close else ""
+
+
+def _import_module(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or name
+        if name != missing and not name.startswith(missing + "."):
+            raise  # the module exists, but something it imports is not installed
+        cwd = os.getcwd()
+        if cwd not in sys.path and "" not in sys.path:
+            sys.path.append(cwd)
+            try:
+                return importlib.import_module(name)
+            except ModuleNotFoundError as again:
+                if again.name != missing:
+                    raise
+                sys.path.remove(cwd)
+        parent = missing.rpartition(".")[0]
+        try:
+            path = importlib.import_module(parent).__path__ if parent else [*sys.path, cwd]
+            siblings = [f"{parent}.{m.name}" if parent else m.name for m in pkgutil.iter_modules(path)]
+        except Exception:  # best effort: only for the hint
+            siblings = []
+        raise ModuleNotFoundError(
+            f"no module named {missing!r}{_close_names(missing, siblings)}; the module must be importable: "
+            f"an installed package (pip install -e .), or a module in the working directory ({cwd}) or in a "
+            "directory listed in PYTHONPATH",
+            name=missing,
+        ) from None
 
 
 class _Manager:
@@ -330,15 +379,15 @@ class Registry:
 
     def _unknown_message(self, kind: str, name: str) -> str:
         names = self.names(kind)
-        msg = f"{kind} {name!r} is not registered; registered {kind}s: {', '.join(names) or '(none)'}"
+        msg = f"{kind} {name!r} is not registered; registered {kind}s: {', '.join(names) or '(none)'}."
         close = difflib.get_close_matches(name, names, n=1)
         if close:
-            msg += f". Did you mean {close[0]!r}?"
+            msg += f" Did you mean {close[0]!r}?"
         provider = KNOWN_PROVIDERS.get((kind, name))
         if provider:
             msg += f" It is provided by {provider}: pip install {provider}"
         elif kind != "backend":
-            msg += " A 'module:attr' path also works."
+            msg += " An importable 'module:attr' path also works."
         return msg
 
     def resolve(self, kind: str, name: str) -> Any:
@@ -346,11 +395,15 @@ class Registry:
         return self.get(kind, name).obj
 
     def default_backend(self) -> str:
-        """The installed backend with the highest ``priority`` option."""
+        """The installed backend with the highest ``priority``; never one registered with ``auto=False``."""
         items = self._items["backend"]
-        if not items:
-            raise UnknownPluginError("no backend is installed; pip install rllm-torch (the local backend)")
-        return max(items.values(), key=lambda r: (r.options.get("priority", 0), r.name)).name
+        candidates = [r for r in items.values() if r.options.get("auto", True)]
+        if not candidates:
+            msg = "no backend is installed; pip install rllm-torch (the local backend)"
+            if items:
+                msg += f". Never chosen by 'auto', but selectable by name (backend=NAME): {', '.join(sorted(items))}"
+            raise UnknownPluginError(msg)
+        return max(candidates, key=lambda r: (r.options.get("priority", 0), r.name)).name
 
 
 class HookRunner:

@@ -61,6 +61,9 @@ def test_sigkill_between_steps_then_resume_sees_the_same_batches(tmp_path):
     assert _batches_by_step(records) == reference
     # The backend's own state came back too: its update counter continues from the checkpoint.
     assert all(r["update"] == r["step"] + 1 for r in records)
+    # Steps logged after the checkpoint by the killed run were dropped on resume, so each appears once.
+    logged = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 17))
 
 
 def test_resume_restores_step_version_loader_and_backend(tmp_path):
@@ -127,3 +130,49 @@ def test_async_resume_regenerates_pending_tasks(tmp_path):
     second.fit()
     trained = [t for b in (first.backend, second.backend) for r in b.trained for t in r["task_ids"]]
     assert sorted(trained) == sorted(f"t{i}" for i in range(32))
+
+
+@pytest.mark.timeout(60)
+def test_resume_restores_the_trainers_weight_version_not_the_served_one(tmp_path):
+    """With sync_every 2, the step-3 checkpoint holds 3 updates while the sampler serves version 2."""
+    sync = {"sync_every": 2, "max_staleness": 1}
+    first = UnifiedTrainer(
+        simulated_config(
+            tmp_path, trainer={"mode": "async", "save_every": 1, "total_steps": 3, "keep_checkpoints": 5}, async_=sync
+        )
+    )
+    first.fit()
+    ckpt = tmp_path / "checkpoints" / "step_00000003"
+    saved = json.loads((ckpt / "trainer_state.json").read_text())
+    assert (saved["weight_version"], saved["served_version"]) == (3, 2)
+
+    second = UnifiedTrainer(simulated_config(tmp_path, trainer={"mode": "async", "resume": str(ckpt)}, async_=sync))
+    second.fit()
+    # The sampler is synced to the loaded weights first, then every 2 steps, then the last update.
+    assert second.backend.policy_versions == [3, 5, 7, 8]
+    assert second.weight_version == second.backend.updates == 8
+
+
+class _CrashOnFourthUpdate(SimulatedBackend):
+    async def update_policy(self, state):
+        if self.updates == 3:
+            raise RuntimeError("out of memory")
+        await super().update_policy(state)
+
+
+@pytest.mark.timeout(60)
+def test_resume_after_a_crash_logs_each_step_once_and_says_where_it_resumed(tmp_path, capsys):
+    sections = {"loggers": {"jsonl": {}, "console": {}}}
+    cfg = simulated_config(tmp_path, trainer={"save_every": 2}, **sections)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        UnifiedTrainer(cfg, backend=_CrashOnFourthUpdate(cfg)).fit()  # steps 1-3 logged, checkpoint at 2
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    capsys.readouterr()
+
+    UnifiedTrainer(simulated_config(tmp_path, trainer={"resume": "auto"}, **sections)).fit()
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+    episode_steps = [json.loads(x)["step"] for x in (tmp_path / "episodes.jsonl").read_text().splitlines()]
+    assert sorted(set(episode_steps)) == episode_steps[::4] == list(range(1, 9))
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000002'} at step 2" in capsys.readouterr().err

@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,6 +115,44 @@ def test_config_show_prints_the_resolved_config_with_overrides(config_file):
     assert shown["tinker"] == {"lora_rank": 8}
     assert shown["async"]["max_staleness"] == 1, "defaults are shown too, under the YAML key"
     assert rllm_core.load_config(shown).to_dict() == shown
+    # tinker is not installed here: its section is shown as written, with a note
+    assert "rllm: note: plugin sections that did not resolve are shown as written" in out.stderr
+    assert "backend 'tinker' is not registered" in out.stderr
+
+
+def test_config_show_fills_in_plugin_defaults(config_file):
+    out = rllm("config", "show", str(config_file), "backend=simulated", "simulated.p0=0.5", "hooks.opsd.coef=0.5")
+    assert out.returncode == 0, out.stderr
+    shown = yaml.safe_load(out.stdout)
+    assert shown["simulated"]["p0"] == 0.5 and shown["simulated"]["gen_latency"] == 0.0
+    assert shown["hooks"]["opsd"]["coef"] == 0.5 and shown["hooks"]["opsd"]["teacher_key"] == "teacher_messages"
+    assert shown["loggers"]["jsonl"]["metrics_file"] == "metrics.jsonl"
+    assert rllm_core.load_config(shown, validate_plugins=True).to_dict()["hooks"] == shown["hooks"]
+
+
+def test_config_show_resolves_backend_auto(config_file):
+    from rllm_core.plugins import get_registry
+
+    out = rllm("config", "show", str(config_file))
+    assert out.returncode == 0, out.stderr
+    shown = yaml.safe_load(out.stdout)
+    assert shown["backend"] == get_registry().default_backend() != "auto"
+    assert isinstance(shown[shown["backend"]], dict)
+
+
+def test_config_show_validate_plugins_rejects_an_unknown_reward(config_file):
+    out = rllm("config", "show", str(config_file), "reward.name=exact_mach", "--validate-plugins")
+    assert out.returncode == 2
+    assert "reward.name: reward 'exact_mach' is not registered" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_config_show_validate_plugins_without_a_real_backend_says_none_is_installed(config_file):
+    out = rllm(
+        "config", "show", str(config_file), "--validate-plugins", RLLM_PLUGINS_BLOCK="torch,rllm-example-backend"
+    )
+    assert out.returncode == 2
+    assert "backend: no backend is installed; pip install rllm-torch" in out.stderr
 
 
 def test_config_show_accepts_options_after_overrides(config_file, site_dir):
@@ -165,6 +205,29 @@ def test_train_with_an_invalid_config_exits_2(config_file):
     out = rllm("train", str(config_file), "trainer.mode=turbo")
     assert out.returncode == 2
     assert "trainer.mode:" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("reward.name=exact_mach", "reward.name"),
+        ("workflow.name=my_missing_module:wf", "workflow.name"),
+        ("reward.name=rllm_core.testing:nope", "reward.name"),
+    ],
+)
+def test_train_with_a_bad_workflow_or_reward_name_exits_2_naming_the_field(config_file, override, field):
+    out = rllm("train", str(config_file), "backend=simulated", "workflow.name=simulated", override)
+    assert out.returncode == 2, out.stderr
+    assert f"{field}: " in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_train_with_a_missing_torch_model_path_exits_2_naming_the_field(config_file):
+    pytest.importorskip("rllm_torch")
+    out = rllm("train", str(config_file), "backend=torch", "torch.model_path=/nonexistent/model")
+    assert out.returncode == 2, out.stderr
+    assert "torch.model_path: " in out.stderr and "/nonexistent/model" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_version_matches_the_package():
@@ -232,3 +295,86 @@ def test_the_export_flag_wins_over_the_saved_backend(tmp_path, site_dir):
     out = rllm("export", str(ckpt), str(tmp_path / "out"), "--backend", "good_export", site=site_dir)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "out" / "exported.txt").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# rllm train: exit codes of a real run
+
+
+_WORKFLOW = """
+import asyncio
+
+from rllm_core.testing import simulated_workflow
+
+
+async def hangs_on_t9(task, engine):
+    if task["id"] == "t9":
+        await asyncio.Event().wait()
+    return await simulated_workflow(task, engine)
+
+
+async def raises_on_t9(task, engine):
+    if task["id"] == "t9":
+        raise ValueError("workflow bug")
+    return await simulated_workflow(task, engine)
+"""
+
+
+def _train(tmp_path: Path, workflow: str, *overrides: str) -> subprocess.Popen:
+    from rllm_core.testing import simulated_tasks
+
+    (tmp_path / "cli_workflows.py").write_text(_WORKFLOW)
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(t) + "\n" for t in simulated_tasks(32)))
+    config = {
+        "backend": "simulated",
+        "workflow": {"name": f"cli_workflows:{workflow}"},
+        "reward": {"name": "simulated"},
+        "data": {"train": str(tasks), "train_batch_size": 4},
+        "rollout": {"n": 2},
+        "trainer": {"mode": "async", "run_dir": str(tmp_path / "run"), "resume": "off"},
+        "async": {"partial_rollout": True},  # no drain: a hung task holds back only the last step
+        "loggers": {"jsonl": {}},
+    }
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RLLM_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "rllm_core.cli", "train", str(tmp_path / "train.yaml"), *overrides]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.timeout(90)
+def test_train_interrupted_by_ctrl_c_checkpoints_and_exits_130(tmp_path):
+    proc = _train(tmp_path, "hangs_on_t9")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        # The 31 other tasks make 7 steps; then training waits for t9, which never comes.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and metrics.read_text().count("\n") >= 7:
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert (tmp_path / "run" / "checkpoints" / "step_00000007" / "trainer_state.json").is_file()
+
+
+@pytest.mark.timeout(90)
+def test_train_that_crashes_exits_1_with_the_error(tmp_path):
+    proc = _train(tmp_path, "raises_on_t9", "workflow.raise_on_error=true")
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, err
+    assert "ValueError: workflow bug" in err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rllm_core import hookimpl
 from rllm_core.config import ConfigError, RLLMConfig, load_config, validate_plugin_sections
-from rllm_core.plugins import registered
+from rllm_core.plugins import registered, reset_plugins
 from rllm_core.protocol import Backend
 
 
@@ -393,3 +394,138 @@ def test_a_list_of_loggers_in_an_override_replaces_the_files_loggers(tmp_path):
     assert load_config(path, overrides=["hooks=[]"]).hooks == {}
     merged = load_config(path, overrides=["loggers.jsonl.every=3"])
     assert merged.loggers == {"console": {}, "jsonl": {"every": 3}}
+
+
+# --------------------------------------------------------------------------------------------
+# every name is resolved before anything is built
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "reward.name=exact_mach",
+            r"^reward\.name: reward 'exact_mach' is not registered; .*Did you mean 'exact_match'",
+        ),
+        (
+            "workflow.name=simulatd",
+            r"^workflow\.name: workflow 'simulatd' is not registered; .*Did you mean 'simulated'",
+        ),
+        (
+            "reward.name=no_such_module_xyz:fn",
+            r"^reward\.name: .*no module named 'no_such_module_xyz'; the module must be importable: "
+            r"an installed package .*working directory .*PYTHONPATH",
+        ),
+        (
+            "workflow.name=rllm_core.tsting:f",
+            r"^workflow\.name: .*'rllm_core\.tsting' \(close names: rllm_core\.testing",
+        ),
+        (
+            "reward.name=rllm_core.testing:simulated_rewrd",
+            r"^reward\.name: .*'rllm_core\.testing' has no attribute 'simulated_rewrd' \(close names: simulated_reward",
+        ),
+        ("reward.name=rllm_core:__version__", r"^reward\.name: 'rllm_core:__version__' is not callable"),
+        ("workflow.name=rllm_core.testing:SimulatedConfig", r"^workflow\.name: .*SimulatedConfig has no run"),
+        ("reward.args.colour=1", r"^reward\.args\.colour: .*accepts no argument 'colour'"),
+        ("workflow.args.colour=1", r"^workflow\.args\.colour: .*accepts: turns"),
+    ],
+)
+def test_workflow_and_reward_names_and_args_are_config_errors_naming_the_field(tmp_path, override, message):
+    from rllm_core.testing import simulated_config
+
+    config = simulated_config(tmp_path, overrides=[override])
+    with pytest.raises(ConfigError, match=message):
+        validate_plugin_sections(config)
+
+
+def test_bad_names_fail_before_the_backend_is_built(tmp_path):
+    from rllm_core.testing import SimulatedBackend, simulated_config
+    from rllm_core.trainer import UnifiedTrainer
+
+    built = []
+
+    class Recording(SimulatedBackend):
+        name = "recording"
+
+        def __init__(self, config):
+            built.append(config)
+            super().__init__(config)
+
+    class Plugin:
+        @hookimpl
+        def register_backends(self, register):
+            register("recording", Recording)
+
+    with registered(Plugin()):
+        for override in ("reward.name=nope", "workflow.name=nope_module:wf", "hooks.nohook.x=1"):
+            with pytest.raises(ConfigError):
+                UnifiedTrainer(simulated_config(tmp_path, overrides=["backend=recording", override]))
+        assert built == []
+        UnifiedTrainer(simulated_config(tmp_path, overrides=["backend=recording"]))
+        assert len(built) == 1
+
+
+def test_every_plugin_problem_is_listed_at_once(test_plugin):
+    with pytest.raises(ConfigError) as err:
+        load_config(
+            BASE,
+            overrides=["mybackend.lr_scale=-1", "reward.name=nope", "hooks.nohook.x=1", "algorithm.adv_estimator=x"],
+            validate_plugins=True,
+        )
+    lines = str(err.value).splitlines()
+    assert lines[0] == "invalid config:"
+    assert [line.split(":")[0].strip() for line in lines[1:]] == [
+        "mybackend.lr_scale",
+        "hooks.nohook",
+        "algorithm.adv_estimator",
+        "reward.name",
+    ]
+
+
+def test_a_module_in_the_working_directory_is_found_without_pythonpath(tmp_path, monkeypatch):
+    # Console scripts (``rllm train``) do not put the working directory on sys.path; python -m does.
+    (tmp_path / "my_cwd_reward.py").write_text("def reward(task, action):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "my_cwd_reward", raising=False)
+    config = load_config(BASE_SIMULATED, overrides=["reward.name=my_cwd_reward:reward"], validate_plugins=True)
+    assert config.reward.name == "my_cwd_reward:reward"
+    monkeypatch.delitem(sys.modules, "my_cwd_reward")
+
+
+BASE_SIMULATED = {"backend": "simulated", "loggers": [], "workflow": {"name": "simulated"}}
+
+
+# --------------------------------------------------------------------------------------------
+# top-level keys that no section and no plugin owns
+
+
+def test_a_misspelt_section_warns_naming_the_closest_known_name():
+    with pytest.warns(UserWarning, match=r"config section 'trainr' .* did you mean 'trainer'\?"):
+        config = load_config(BASE_SIMULATED, overrides=["trainr.total_steps=5"], validate_plugins=True)
+    assert config.section("trainr") == {"total_steps": 5}
+    with pytest.warns(UserWarning, match=r"'simulatd' .* did you mean 'simulated'\?"):
+        load_config(BASE_SIMULATED, overrides=["simulatd.p0=0.5"], validate_plugins=True)
+
+
+def test_sections_named_like_a_plugin_do_not_warn(test_plugin):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        # the chosen backend, another registered backend, a logger's name, a well-known uninstalled backend
+        load_config(
+            BASE,
+            overrides=["mybackend.model=x", "simulated.p0=0.5", "mylogger.a=1", "tinker.lora_rank=8"],
+            validate_plugins=True,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# backend: auto
+
+
+def test_backend_auto_never_picks_the_simulated_test_backend(monkeypatch):
+    monkeypatch.setenv("RLLM_PLUGINS_ALLOW", "-")  # no entry points: only the built-ins, which have no real backend
+    reset_plugins()
+    with pytest.raises(ConfigError, match=r"^backend: no backend is installed; pip install rllm-torch.* simulated"):
+        load_config({"loggers": []}, validate_plugins=True)
+    assert load_config(BASE_SIMULATED, validate_plugins=True).backend == "simulated", "still selectable by name"

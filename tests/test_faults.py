@@ -11,7 +11,7 @@ import pytest
 from rllm_core.hookspecs import hookimpl
 from rllm_core.loggers import Logger
 from rllm_core.plugins import registered
-from rllm_core.testing import simulated_config, simulated_workflow
+from rllm_core.testing import SimulatedBackend, simulated_config, simulated_workflow
 from rllm_core.trainer import UnifiedTrainer
 from rllm_core.types import TerminationReason
 
@@ -42,7 +42,7 @@ def test_workflow_faults_become_counted_error_episodes(tmp_path, mode):
         tmp_path,
         loggers={"jsonl": {}},
         trainer={"mode": mode},
-        workflow={"name": "x", "timeout": 0.05},
+        workflow={"name": None, "timeout": 0.05},  # the workflow is passed in
         rollout={"n": 2},
     )
     trainer = UnifiedTrainer(cfg, workflow=faulty_workflow)
@@ -73,7 +73,7 @@ def test_reward_that_raises_or_hangs_scores_zero_and_is_counted(tmp_path):
     cfg = simulated_config(
         tmp_path,
         loggers={"jsonl": {}},
-        reward={"name": "x", "timeout": 0.05},
+        reward={"name": None, "timeout": 0.05},  # the reward is passed in
         trainer={"total_steps": 3},
         rollout={"n": 2},
     )
@@ -132,4 +132,95 @@ def test_hook_that_raises_is_counted(tmp_path):
         with pytest.warns(RuntimeWarning, match="hook bug"):
             trainer.fit()
     assert trainer.step == 8 and trainer.runner.failures == {"bad.on_batch_end": 8}
-    assert _metrics(tmp_path)[-1]["hooks/failures"] == 7.0  # counted before the step's own call
+    # Per step, like every other counter: each step's call fails after that step was logged.
+    assert [r["hooks/failures"] for r in _metrics(tmp_path)] == [0.0] + [1.0] * 7
+
+
+class _FlakyGeneration(SimulatedBackend):
+    """``generate_episodes`` raises when ``fails(task_id, attempt)`` says so (attempt counts from 1)."""
+
+    def __init__(self, config, fails):
+        super().__init__(config)
+        self.fails = fails
+        self.attempts = {}
+
+    async def generate_episodes(self, batch, workflow_engine, is_validation=False):
+        task_id = batch[0]["id"]
+        self.attempts[task_id] = attempt = self.attempts.get(task_id, 0) + 1
+        if not is_validation and self.fails(task_id, attempt):
+            raise RuntimeError("sampler hiccup")
+        return await super().generate_episodes(batch, workflow_engine, is_validation)
+
+
+def _flaky_run(tmp_path, fails, **async_):
+    cfg = simulated_config(
+        tmp_path, trainer={"mode": "async"}, async_=async_, hooks={"rllm_core.testing:RecordingHooks": {}}
+    )
+    trainer = UnifiedTrainer(cfg, backend=_FlakyGeneration(cfg, fails))
+    trainer.fit()
+    per_step = trainer.hook_plugins["rllm_core.testing:RecordingHooks"].metrics_by_step.values()
+    totals = {k: sum(m.get(k, 0.0) for m in per_step) for k in ("async/requeued", "async/given_up")}
+    trained = sorted(t for r in trainer.backend.trained for t in r["task_ids"])
+    return trainer, totals, trained
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("max_staleness", "fails", "n_failures"),
+    [
+        (0, lambda task_id, attempt: task_id == "t0" and attempt == 1, 1),  # once
+        (1, lambda task_id, attempt: int(task_id[1:]) % 5 == 0 and attempt == 1, 7),  # every 5th task
+    ],
+)
+def test_async_generation_failure_is_retried_not_a_deadlock(tmp_path, max_staleness, fails, n_failures):
+    trainer, totals, trained = _flaky_run(tmp_path, fails, max_staleness=max_staleness)
+    assert trainer.step == 8
+    assert trained == sorted(f"t{i}" for i in range(32))
+    assert totals == {"async/requeued": n_failures, "async/given_up": 0}
+
+
+@pytest.mark.timeout(60)
+def test_async_task_that_keeps_failing_is_given_up_after_max_requeues(tmp_path):
+    trainer, totals, trained = _flaky_run(tmp_path, lambda task_id, attempt: task_id == "t3", max_requeues=2)
+    assert trainer.backend.attempts["t3"] == 3
+    assert totals == {"async/requeued": 2, "async/given_up": 1}
+    assert trained == sorted(f"t{i}" for i in range(32) if i != 3)
+
+
+async def _raises_on_t5(task, engine):
+    if task["id"] == "t5":
+        raise ValueError("workflow bug")
+    return await simulated_workflow(task, engine)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_raise_on_error_stops_training_with_the_workflow_error(tmp_path, mode):
+    cfg = simulated_config(tmp_path, trainer={"mode": mode}, workflow={"name": "simulated", "raise_on_error": True})
+    trainer = UnifiedTrainer(cfg, workflow=_raises_on_t5)
+    with pytest.raises(ValueError, match="workflow bug"):
+        trainer.fit()
+    assert trainer.backend.calls[-1] == "shutdown"
+
+
+def test_workflow_error_traceback_is_not_chained_to_the_trainers_internals(tmp_path):
+    errors = []
+
+    class Collect:
+        def __init__(self, settings):
+            pass
+
+        @hookimpl
+        def on_batch_end(self, trainer, metrics):
+            errors.extend(e.info["error"] for e in trainer.state.episodes if "error" in e.info)
+
+    class Plugin:
+        @hookimpl
+        def register_hooks(self, register):
+            register("collect", Collect)
+
+    with registered(Plugin()):
+        cfg = simulated_config(tmp_path, workflow={"name": "simulated"}, hooks={"collect": {}})
+        UnifiedTrainer(cfg, workflow=_raises_on_t5).fit()
+    assert errors and all("ValueError: workflow bug" in e for e in errors)
+    assert not any("no running event loop" in e or "During handling" in e for e in errors)

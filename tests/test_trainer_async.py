@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
+import threading
+import time
 
 import pytest
 
 from rllm_core.config import ConfigError
 from rllm_core.hookspecs import hookimpl
 from rllm_core.plugins import registered
-from rllm_core.testing import simulated_config
+from rllm_core.testing import SimulatedBackend, simulated_config, simulated_workflow
 from rllm_core.trainer import UnifiedTrainer
 
 REC = "rllm_core.testing:RecordingHooks"
@@ -184,3 +188,159 @@ def test_async_total_steps_stops_and_cancels_generation(tmp_path):
     trainer.fit()
     assert trainer.step == 3 and trainer.backend.updates == 3
     assert trainer.backend.policy_versions[-1] == 3
+
+
+def _sum(trainer, key):
+    return sum(m.get(key, 0.0) for m in trainer.hook_plugins[REC].metrics_by_step.values())
+
+
+class _LateFirstDelivery(SimulatedBackend):
+    """Holds back the first rollouts of some tasks until training has moved on: they arrive stale."""
+
+    def __init__(self, config, late):
+        super().__init__(config)
+        self.late = set(late)
+        self.trainer = None
+
+    async def generate_episodes(self, batch, workflow_engine, is_validation=False):
+        episodes = await super().generate_episodes(batch, workflow_engine, is_validation)
+        task_id = batch[0]["id"]
+        if task_id in self.late:
+            self.late.discard(task_id)  # a retry is delivered on time
+            while self.trainer.weight_version < 3:
+                await asyncio.sleep(0.005)
+        return episodes
+
+
+@pytest.mark.timeout(60)
+def test_stale_dropped_tasks_are_requeued_and_trained(tmp_path):
+    cfg = simulated_config(
+        tmp_path,
+        trainer={"mode": "async"},
+        async_={"max_staleness": 1, "partial_rollout": True},
+        simulated={"gen_latency": 0.001, "train_latency": 0.002},
+        hooks={REC: {}},
+    )
+    backend = _LateFirstDelivery(cfg, late=())
+    trainer = UnifiedTrainer(cfg, backend=backend)
+    backend.trainer = trainer
+    backend.late = {trainer.loader.task_at(0, pos)["id"] for pos in range(3)}  # generated with version 0
+    trainer.fit()
+    dropped = _sum(trainer, "async/dropped_stale")
+    assert dropped == 3  # what makes this test meaningful: the late ones were too stale to train
+    assert _sum(trainer, "async/requeued") == dropped and _sum(trainer, "async/given_up") == 0
+    trained = [t for r in backend.trained for t in r["task_ids"]]
+    assert sorted(trained) == sorted(f"t{i}" for i in range(32))  # every task, once
+    for record in backend.trained:
+        assert record["policy_version"] - record["min_sample_version"] <= 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("partial_rollout", [True, False], ids=["waiting-for-episodes", "waiting-for-a-drain"])
+def test_request_stop_wakes_a_blocked_training_loop(tmp_path, partial_rollout):
+    holder = {}
+
+    async def hangs_on_t9(task, engine):
+        if task["id"] == "t9":
+            trainer = holder["trainer"]
+            if partial_rollout:  # the 31 other tasks fill 7 steps; the 8th waits for this one
+                while trainer.step < 7:
+                    await asyncio.sleep(0.005)
+            # else the first weight sync after this task started waits for it to drain
+            await asyncio.sleep(0.2)
+            trainer.request_stop()
+            await asyncio.Event().wait()  # never finishes
+        return await simulated_workflow(task, engine)
+
+    cfg = simulated_config(
+        tmp_path,
+        trainer={"mode": "async"},
+        async_={"partial_rollout": partial_rollout},
+        workflow={"name": "simulated"},
+    )
+    trainer = holder["trainer"] = UnifiedTrainer(cfg, workflow=hangs_on_t9)
+    trainer.fit()
+    assert 0 < trainer.step < 8 and (trainer.step == 7 or not partial_rollout)
+    assert trainer.last_checkpoint is not None and trainer.last_checkpoint.name == f"step_{trainer.step:08d}"
+    saved = json.loads((trainer.last_checkpoint / "trainer_state.json").read_text())
+    pending_ids = {trainer.loader.task_at(e, p)["id"] for e, p in saved["pending"]}
+    assert "t9" in pending_ids  # generated again on resume
+    assert trainer.backend.calls[-2:] == ["on_train_end", "shutdown"]
+
+
+class _EpochProgress:
+    """Records how many tasks had been trained on when each epoch ended."""
+
+    def __init__(self, settings):
+        self.trained = 0
+        self.at_epoch_end = {}
+
+    @hookimpl
+    def on_batch_end(self, trainer, metrics):
+        self.trained += len(trainer.state.batch)
+
+    @hookimpl
+    def on_epoch_end(self, trainer, epoch):
+        self.at_epoch_end[epoch] = self.trained
+
+
+@pytest.mark.timeout(60)
+def test_on_epoch_end_fires_once_the_epochs_last_task_is_trained(tmp_path):
+    class Plugin:
+        @hookimpl
+        def register_hooks(self, register):
+            register("progress", _EpochProgress)
+
+    with registered(Plugin()):
+        trainer = _trainer(
+            tmp_path,
+            trainer={"epochs": 2},
+            async_={"max_staleness": 2},
+            simulated={"gen_latency": 0.001, "train_latency": 0.002},
+            hooks={"progress": {}},
+        )
+        trainer.fit()
+    progress = trainer.hook_plugins["progress"]
+    # Epoch 0's last task is trained at the earliest in the step that reaches 32 tasks.
+    assert progress.at_epoch_end[0] >= 32
+    assert progress.at_epoch_end[1] == 64
+    assert trainer.backend.calls.count("on_epoch_end") == 2
+    assert trainer.backend.calls[-3:] == ["save_checkpoint", "on_train_end", "shutdown"]
+
+
+class _SlowSave(SimulatedBackend):
+    """A save that takes a while and records what ran meanwhile."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.saves = []
+
+    def save_checkpoint(self, path):
+        calls, updates = self.rollout_engine.calls, self.updates
+        time.sleep(0.3)
+        self.saves.append(
+            {
+                "on_main_thread": threading.current_thread() is threading.main_thread(),
+                "model_calls": self.rollout_engine.calls - calls,
+                "updates": self.updates - updates,
+            }
+        )
+        super().save_checkpoint(path)
+
+
+@pytest.mark.timeout(60)
+def test_checkpoint_is_written_off_the_event_loop_while_generation_goes_on(tmp_path):
+    cfg = simulated_config(
+        tmp_path,
+        trainer={"mode": "async", "save_every": 2},
+        async_={"max_staleness": 4},
+        simulated={"gen_latency": 0.03, "train_latency": 0.001},
+        workflow={"name": "simulated", "max_concurrency": 4},
+    )
+    backend = _SlowSave(cfg)
+    trainer = UnifiedTrainer(cfg, backend=backend)
+    trainer.fit()
+    assert len(backend.saves) == 4 and trainer.step == 8
+    assert not any(s["on_main_thread"] for s in backend.saves)
+    assert backend.saves[0]["model_calls"] > 0  # generation went on during the first save
+    assert all(s["updates"] == 0 for s in backend.saves)  # but no update ran while saving

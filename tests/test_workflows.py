@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
+import warnings
 
 import pytest
 
@@ -114,6 +119,27 @@ def test_workflow_by_registered_name_and_module_path(tmp_path):
         _engine(tmp_path, None, workflow={"name": None})
 
 
+def test_an_answer_cut_by_the_token_limit_ends_the_episode_as_max_response_length(tmp_path):
+    async def wf(task, engine):
+        finish = task["finish"]
+        step = Step(prompt_ids=[1], response_ids=[2], finish_reason=finish, done=True)
+        return Episode(trajectories=[Trajectory(steps=[step])], termination_reason=TerminationReason.ENV_DONE)
+
+    async def timed_out(task, engine):
+        step = Step(prompt_ids=[1], response_ids=[2], finish_reason="length")
+        return Episode(trajectories=[Trajectory(steps=[step])], termination_reason=TerminationReason.MAX_TURNS)
+
+    tasks = [{"id": "cut", "finish": "length"}, {"id": "ok", "finish": "stop"}]
+    episodes = asyncio.run(_engine(tmp_path, wf, rollout={"n": 1}).execute_tasks(tasks))
+    assert [e.termination_reason for e in episodes] == [
+        TerminationReason.MAX_RESPONSE_LENGTH,
+        TerminationReason.ENV_DONE,
+    ]
+    # a reason the workflow chose itself is kept
+    kept = asyncio.run(_engine(tmp_path, timed_out, rollout={"n": 1}).execute_tasks(tasks[:1]))
+    assert kept[0].termination_reason is TerminationReason.MAX_TURNS
+
+
 def test_concurrency_limit(tmp_path):
     running = peak = 0
 
@@ -205,10 +231,96 @@ def test_a_hung_sync_reward_does_not_hold_up_the_calls_queued_behind_it(tmp_path
     eng = WorkflowEngine(answer_wf, cfg, SimulatedBackend(cfg).init_rollout_engine(), reward_fn=reward)
     try:
         episodes = asyncio.run(eng.execute_tasks(TASKS[:1]))
+        counters = eng.pop_counters()
     finally:
         release.set()
         eng.close()
     rewards = sorted(e.trajectories[0].reward for e in episodes)
     assert rewards == [0.0] + [1.0] * 5
-    assert eng.pop_counters() == {"reward/timeouts": 1.0}
+    assert counters == {"reward/timeouts": 1.0, "reward/stuck_threads": 1.0}
     assert sum("reward_error" in e.info for e in episodes) == 1
+
+
+def _reward_threads(other: set[threading.Thread]) -> int:
+    return sum(t.name == "rllm-reward" and t not in other for t in threading.enumerate())
+
+
+@pytest.mark.timeout(60)
+def test_hung_sync_rewards_cost_one_thread_each_and_later_rewards_still_score(tmp_path):
+    release = threading.Event()
+
+    def reward(task, action):
+        if task["hang"]:
+            release.wait(60)  # time.sleep(1000) that the test can end
+        return 1.0
+
+    hung = [{"id": f"h{i}", "hang": True, "question": "What is 1+2?"} for i in range(40)]
+    good = [{"id": f"g{i}", "hang": False, "question": "What is 1+2?"} for i in range(200)]
+    cfg = simulated_config(tmp_path, rollout={"n": 1}, reward={"name": None, "timeout": 1.0})
+    eng = WorkflowEngine(answer_wf, cfg, SimulatedBackend(cfg).init_rollout_engine(), reward_fn=reward)
+    max_workers = eng._rewards.max_workers
+    earlier = set(threading.enumerate())  # idle reward threads of other tests' engines exit on their own
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # Each round hangs more calls than there are workers: before, the first round left every
+            # worker stuck, and every later reward timed out without running.
+            for _ in range(2):
+                episodes = asyncio.run(eng.execute_tasks(hung))
+                assert [e.trajectories[0].reward for e in episodes] == [0.0] * 40
+                assert eng.pop_counters()["reward/timeouts"] == 40
+            later = asyncio.run(eng.execute_tasks(good))
+        assert [e.trajectories[0].reward for e in later] == [1.0] * 200
+        assert any("never ran" in e.info["reward_error"] for e in episodes)  # the calls past max_workers
+        # One thread lost per hung call that was running (a worker's), none for those that never ran.
+        assert eng.pop_counters() == {"reward/stuck_threads": 2 * max_workers}
+        assert _reward_threads(earlier) <= 3 * max_workers
+        assert any("still running after reward.timeout=1.0s" in str(w.message) for w in caught)
+    finally:
+        release.set()
+        eng.close()
+    deadline = time.monotonic() + 10
+    while (eng._rewards.stuck or _reward_threads(earlier)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert eng._rewards.stuck == 0 and _reward_threads(earlier) == 0, "released and idle threads exit"
+
+
+_HANG_REWARD = """
+import time
+
+def reward(task, action):
+    if int(task["id"][1:]) % 2:
+        time.sleep(1000)
+    return 1.0
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_trainer_whose_sync_reward_hangs_exits_promptly(tmp_path):
+    (tmp_path / "hang_reward.py").write_text(_HANG_REWARD)
+    config = {
+        "backend": "simulated",
+        "workflow": {"name": "simulated"},
+        "reward": {"name": "hang_reward:reward", "timeout": 1},
+        "data": {"train": "rllm_core.testing:simulated_tasks", "train_batch_size": 4},
+        "rollout": {"n": 2},
+        "trainer": {"total_steps": 2, "run_dir": str(tmp_path / "run"), "resume": "off"},
+        "loggers": {"jsonl": {}},
+    }
+    (tmp_path / "config.yaml").write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RLLM_")}
+    start = time.monotonic()
+    # Before, the reward pool's threads were joined at exit: the process waited for time.sleep(1000).
+    out = subprocess.run(
+        [sys.executable, "-m", "rllm_core.cli", "train", "config.yaml"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert time.monotonic() - start < 40
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    assert all(r["reward/timeouts"] > 0 and r["train/correct_frac"] > 0 for r in rows)

@@ -5,17 +5,20 @@
     [########------------]  40/100  reward 0.53  correct 0.50  stale 0.4  2.1 it/s  ETA 28s
 
 When stderr is not a terminal it prints a full line every ``every`` steps instead, so CI logs
-stay readable. Validation metrics are printed on their own line.
+stay readable. Validation metrics are printed on their own line, and so is the checkpoint a run
+resumed from.
 
 ``jsonl`` appends ``{"step": ..., **metrics}`` to ``<run_dir>/metrics.jsonl`` and the sampled
 episodes (``trainer.log_episodes`` per step) to ``<run_dir>/episodes.jsonl``, one JSON object per
-line, flushed each time so a killed run keeps what it logged.
+line, flushed each time so a killed run keeps what it logged. On resume it drops the records of
+steps after the checkpoint (the resumed run logs them again), so each step appears once.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,6 +79,9 @@ class ConsoleLogger(Logger):
             f"rllm: backend={config.get('backend')} mode={trainer.get('mode')} "
             f"run_dir={self.run_dir} workflow={config.get('workflow', {}).get('name')}"
         )
+
+    def on_resume(self, step: int, checkpoint: Path) -> None:
+        self._line(f"rllm: resumed from {checkpoint} at step {step}")
 
     def render(self, step: int, metrics: dict[str, float]) -> str:
         """The progress line for ``step`` (public for tests and for custom consoles)."""
@@ -148,12 +154,19 @@ class JsonlLogger(Logger):
     def __init__(self, settings=None, *, run_dir=None, config=None):
         super().__init__(settings, run_dir=run_dir, config=config)
         self.opts = JsonlSettings.model_validate(self.settings)
-        root = Path(self.run_dir or ".")
-        root.mkdir(parents=True, exist_ok=True)
-        self._metrics = (root / self.opts.metrics_file).open("a", encoding="utf-8")
+        self._root = Path(self.run_dir or ".")
+        self._root.mkdir(parents=True, exist_ok=True)
+        self._metrics = (self._root / self.opts.metrics_file).open("a", encoding="utf-8")
         self._episodes = (
-            (root / self.opts.episodes_file).open("a", encoding="utf-8") if self.opts.episodes_file else None
+            (self._root / self.opts.episodes_file).open("a", encoding="utf-8") if self.opts.episodes_file else None
         )
+
+    def on_resume(self, step: int, checkpoint: Path) -> None:
+        self._metrics.close()
+        self._metrics = _truncate_after(self._root / self.opts.metrics_file, step)
+        if self._episodes is not None:
+            self._episodes.close()
+            self._episodes = _truncate_after(self._root / self.opts.episodes_file, step)
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         self._metrics.write(json.dumps({"step": step, **metrics}, default=float) + "\n")
@@ -172,6 +185,29 @@ class JsonlLogger(Logger):
         self._metrics.close()
         if self._episodes is not None:
             self._episodes.close()
+
+
+def _truncate_after(path: Path, step: int) -> TextIO:
+    """Keep the records of ``path`` up to ``step`` (atomically); return it open for appending.
+
+    A line cut short by a kill is dropped too.
+    """
+    kept = []
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path.open("a", encoding="utf-8")
 
 
 @hookimpl

@@ -1,6 +1,7 @@
 """Built-in plugin ``rllm.testing``: the simulated backend, workflow and reward (see ``rllm_core.testing``).
 
-The backend has priority -100, so ``backend: auto`` picks it only when no real backend is installed.
+The backend is test support: ``backend: auto`` never picks it (``auto=False``); name it
+(``backend: simulated``) to use it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from rllm_core.hookspecs import hookimpl
 def register_backends(register: Any) -> None:
     from rllm_core.testing import SimulatedBackend
 
-    register("simulated", SimulatedBackend, priority=-100)
+    register("simulated", SimulatedBackend, priority=-100, auto=False)
 
 
 @hookimpl

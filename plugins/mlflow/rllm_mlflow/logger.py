@@ -12,6 +12,9 @@ The tracking URI is ``tracking_uri`` from the settings, else ``$MLFLOW_TRACKING_
 SQLite store in the run directory (``sqlite:///<run_dir>/mlflow.db``). A remote server that is
 down or fails must not stop training: the failure becomes a warning, the logger keeps trying, and
 after ``max_failures`` consecutive failures it disables itself with a second warning.
+
+Every call is a blocking HTTP (or database) request, so the logger is ``blocking``: the trainer
+makes its calls on a thread of their own, in order, and never waits for them on its event loop.
 """
 
 from __future__ import annotations
@@ -109,6 +112,7 @@ class MlflowLogger(Logger):
     """Logs to one MLflow run per trainer; tolerant of a tracking server that is down."""
 
     config_model = MlflowSettings
+    blocking = True
 
     def __init__(self, settings: dict[str, Any] | MlflowSettings | None = None, *, run_dir=None, config=None):
         if isinstance(settings, MlflowSettings):

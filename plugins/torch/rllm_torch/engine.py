@@ -9,12 +9,17 @@ arrive while a batch runs form the next batch.
 The engine reads the sampler's weights through a :class:`SamplerRuntime`, which the backend owns; a
 weight sync and a generation batch never interleave (both run on the same worker thread), so
 every output is stamped with the one version that produced all of its tokens.
+
+Text work stays off the event loop too: the chat template and tokenisation of a prompt the encode
+cache does not hold, and the decoding of a finished batch, run on the runtime's text thread (one,
+so the tokenizer is never used by two of them at once and the sampler thread keeps generating).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -55,17 +60,30 @@ class SamplerRuntime:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rllm-torch-sampler")
+        self.text_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rllm-torch-text")
+        """Chat templates, tokenisation and decoding, off the event loop and off the sampler thread."""
         self.lock = threading.Lock()
         """Held while the sampler's weights are read (generation, scoring) or replaced."""
         self.batches = 0
         self.batch_sizes: list[int] = []
         self._encode_cache: dict[tuple, tuple[int, ...]] = {}
 
+    @staticmethod
+    def _cache_key(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> tuple | None:
+        if all(type(m.get("content")) is str and len(m) == 2 for m in messages):
+            return (add_generation_prompt, *((m.get("role"), m["content"]) for m in messages))
+        return None
+
+    def cached(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int] | None:
+        """The prompt's ids if the encode cache holds them (a dict lookup: fine on the event loop)."""
+        key = self._cache_key(messages, add_generation_prompt)
+        hit = self._encode_cache.get(key) if key is not None else None
+        return list(hit) if hit is not None else None
+
     def encode(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         # Group rollouts send the same prompt n times: plain-text conversations are cached.
-        key = None
-        if all(type(m.get("content")) is str and len(m) == 2 for m in messages):
-            key = (add_generation_prompt, *((m.get("role"), m["content"]) for m in messages))
+        key = self._cache_key(messages, add_generation_prompt)
+        if key is not None:
             hit = self._encode_cache.get(key)
             if hit is not None:
                 return list(hit)
@@ -104,6 +122,7 @@ class SamplerRuntime:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True)
+        self.text_executor.shutdown(wait=True)
 
 
 @dataclass
@@ -158,10 +177,16 @@ class TorchRolloutEngine(RolloutEngine):
         )
 
     async def encode_messages(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True):
-        return self.runtime.encode(messages, add_generation_prompt)
+        ids = self.runtime.cached(messages, add_generation_prompt)
+        if ids is None:  # the chat template: CPU work for the text thread
+            loop = asyncio.get_running_loop()
+            ids = await loop.run_in_executor(
+                self.runtime.text_executor, self.runtime.encode, messages, add_generation_prompt
+            )
+        return ids
 
     async def _generate(self, messages: list[Mapping[str, Any]], **sampling: Any) -> ModelOutput:
-        return await self._submit(self.runtime.encode(messages), sampling)
+        return await self._submit(await self.encode_messages(messages), sampling)
 
     async def _generate_tokens(self, token_input: TokenInput, **sampling: Any) -> ModelOutput:
         ids = token_input.prompt_ids
@@ -183,8 +208,10 @@ class TorchRolloutEngine(RolloutEngine):
         self._wakeup.set()
         if self._dispatcher is None or self._dispatcher.done():
             self._dispatcher = loop.create_task(self._dispatch())
-        result, version = await req.future
-        return self._to_output(prompt_ids, result, version)
+        return await req.future
+
+    def _outputs(self, batch: list[_Request], results: list[GenResult], version: int) -> list[ModelOutput]:
+        return [self._to_output(r.prompt_ids, res, version) for r, res in zip(batch, results, strict=False)]
 
     def _to_output(self, prompt_ids: list[int], r: GenResult, version: int) -> ModelOutput:
         tok = self.runtime.tokenizer
@@ -230,13 +257,11 @@ class TorchRolloutEngine(RolloutEngine):
                     [r.params for r in batch],
                 )
             except Exception as exc:
-                for r in batch:
-                    if not r.future.done():
-                        r.future.set_exception(exc)
+                _deliver(batch, exc)
                 continue
-            for r, res in zip(batch, results, strict=False):
-                if not r.future.done():
-                    r.future.set_result((res, version))
+            # Decoding runs on the text thread while the next batch generates.
+            decoded = self._loop.run_in_executor(self.runtime.text_executor, self._outputs, batch, results, version)
+            decoded.add_done_callback(functools.partial(_decoded, batch))
 
     # -- scoring --------------------------------------------------------------------------------
 
@@ -264,6 +289,24 @@ class TorchRolloutEngine(RolloutEngine):
                 self.runtime.reference = copy.deepcopy(self.runtime.model).eval().requires_grad_(False)
             else:
                 _copy_weights(self.runtime.reference, self.runtime.model)
+
+
+def _deliver(batch: list[_Request], outcome: list[ModelOutput] | BaseException) -> None:
+    for i, r in enumerate(batch):
+        if r.future.done():  # cancelled by its caller
+            continue
+        if isinstance(outcome, BaseException):
+            r.future.set_exception(outcome)
+        else:
+            r.future.set_result(outcome[i])
+
+
+def _decoded(batch: list[_Request], future: asyncio.Future) -> None:
+    if future.cancelled():  # the event loop is shutting down
+        for r in batch:
+            r.future.cancel()
+    else:
+        _deliver(batch, future.exception() or future.result())
 
 
 @torch.no_grad()

@@ -161,7 +161,7 @@ def rebuild_from_checkpoint(path: Path) -> tuple[Any, Any, TorchBackendConfig]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     meta = json.loads((path / "backend.json").read_text())
-    cfg = TorchBackendConfig.model_validate(meta["torch"])
+    cfg = TorchBackendConfig.model_validate(meta["torch"], context={"check_paths": False})
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path), local_files_only=True))
     if cfg.lora is not None:
         model = _add_lora(model, cfg)

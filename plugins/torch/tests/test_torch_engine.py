@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from torch_test_helpers import VOCAB, backend
@@ -134,3 +135,33 @@ def test_shared_prompt_scoring_matches_full_sequences(be):
     assert [len(s) for s in shared] == [len(r) for _, r in rows]
     diffs = [abs(a - b) for s, p in zip(shared, plain, strict=True) for a, b in zip(s, p, strict=True)]
     assert max(diffs) < 1e-5
+
+
+def test_chat_template_and_decode_run_off_the_event_loop_and_prompts_stay_cached(be, monkeypatch):
+    tok = be.tokenizer
+    calls = []
+
+    def recording(name):
+        original = getattr(tok, name)
+
+        def call(*args, **kwargs):
+            calls.append((name, threading.current_thread()))
+            return original(*args, **kwargs)
+
+        return call
+
+    for name in ("apply_chat_template", "decode"):
+        monkeypatch.setattr(tok, name, recording(name))
+    prompt = [{"role": "user", "content": "5+6="}]  # not used by another test: not cached yet
+
+    async def run():
+        loop_thread = threading.current_thread()
+        first = await be.rollout_engine.get_model_response(prompt, max_tokens=3)
+        outs = await asyncio.gather(*[be.rollout_engine.get_model_response(prompt, max_tokens=3) for _ in range(8)])
+        return loop_thread, first, outs
+
+    loop_thread, first, outs = asyncio.run(run())
+    assert all(o.prompt_ids == first.prompt_ids for o in outs)
+    assert {name for name, _ in calls} == {"apply_chat_template", "decode"}
+    assert all(thread is not loop_thread for _, thread in calls)
+    assert [name for name, _ in calls].count("apply_chat_template") == 1  # the other 8 prompts were cache hits

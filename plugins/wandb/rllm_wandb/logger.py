@@ -7,7 +7,9 @@ when the config lists ``wandb`` under ``loggers``; ``log_config`` becomes the ru
 prompt, response, reward, is_correct). ``mode: offline`` writes the run under
 ``<dir>/wandb/offline-run-*`` for ``wandb sync`` later; it is what the tests use.
 
-wandb is imported when the logger is built, never when the plugin is listed.
+wandb is imported when the logger is built, never when the plugin is listed. Building tables and
+``run.finish`` (which uploads) block, so the logger is ``blocking``: the trainer makes its calls
+on a thread of their own, in order, and waits for them only at the end.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class WandbLogger(Logger):
     """Logs to one wandb run per trainer."""
 
     config_model = WandbSettings
+    blocking = True
 
     def __init__(self, settings: dict[str, Any] | WandbSettings | None = None, *, run_dir=None, config=None):
         if isinstance(settings, WandbSettings):
