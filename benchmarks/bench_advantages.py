@@ -59,7 +59,7 @@ def naive(episodes: list[Episode], eps: float = 1e-6) -> None:
     for trajectories in groups.values():
         rewards = np.array([t.total_reward for t in trajectories])
         if len(rewards) > 1:
-            mean, std = np.mean(rewards), np.std(rewards)
+            mean, std = np.mean(rewards), np.std(rewards, ddof=1)  # unbiased, as torch.std
         else:
             mean, std = 0.0, 1.0
         advantages = (rewards - mean) / (std + eps)

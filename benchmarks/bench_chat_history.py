@@ -54,22 +54,34 @@ def ours(msgs: list[dict]):
     return Step.from_model_output(OUTPUT, msgs).chat_completions
 
 
+def ours_plain(msgs: list[dict]):
+    """The plain constructor, as a workflow that builds steps by hand writes it."""
+    return Step(chat_completions=msgs, response_ids=[1]).chat_completions
+
+
 def peer(msgs: list[dict]):
     return copy.deepcopy(msgs)
 
 
 def main() -> None:
     print(f"load average (1 min) at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
-    print(f"{'turns':>6} {'ChatView MB':>12} {'deepcopy MB':>12} {'ratio':>8}")
+    print(f"{'turns':>6} {'from_model_output MB':>21} {'Step(...) MB':>13} {'deepcopy MB':>12} {'ratio':>8}")
     results = {}
     for turns in (50, 100, 200):
-        a, b = retained(turns, ours), retained(turns, peer)
-        results[turns] = (a, b)
-        print(f"{turns:>6} {a:12.3f} {b:12.3f} {b / a:7.1f}x")
-    (a50, b50), (a200, b200) = results[50], results[200]
-    print(f"growth 50 -> 200 turns (4x turns): ChatView {a200 / a50:.1f}x (linear: 4x), deepcopy {b200 / b50:.1f}x")
-    verdict = "ok" if a200 <= TARGET_MB else "MISSED"
-    print(f"200 turns: {a200:.3f} MB vs target <= {TARGET_MB} MB -> {verdict}; deepcopy keeps {b200 / a200:.0f}x more")
+        a, p, b = retained(turns, ours), retained(turns, ours_plain), retained(turns, peer)
+        results[turns] = (a, p, b)
+        print(f"{turns:>6} {a:21.3f} {p:13.3f} {b:12.3f} {b / max(a, p):7.1f}x")
+    (a50, p50, b50), (a200, p200, b200) = results[50], results[200]
+    print(
+        f"growth 50 -> 200 turns (4x turns): from_model_output {a200 / a50:.1f}x, Step(...) {p200 / p50:.1f}x "
+        f"(linear: 4x), deepcopy {b200 / b50:.1f}x"
+    )
+    worst = max(a200, p200)
+    verdict = "ok" if worst <= TARGET_MB else "MISSED"
+    print(
+        f"200 turns: {worst:.3f} MB (worse of the two) vs target <= {TARGET_MB} MB -> {verdict}; "
+        f"deepcopy keeps {b200 / worst:.0f}x more"
+    )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
 """Advantage estimators and the stage that writes ``step.advantage``.
 
 What each estimator reduces to, for trajectory rewards ``r`` of one group ``g`` (size ``n``,
-mean ``mean_g``, population std ``std_g``):
+mean ``mean_g``, std ``std_g``: unbiased, ``ddof = 1``, by default as in verl and TRL; population
+std with ``algorithm.std_unbiased: false``):
 
 * ``grpo``: ``(r - mean_g) / (std_g + eps)``; with ``norm_adv_by_std=False`` just ``r - mean_g``.
 * ``drgrpo`` (Dr.GRPO): ``r - mean_g`` (never divided by the std).
 * ``rloo``: ``r - mean of the other n-1 rewards`` = ``n/(n-1) * (r - mean_g)``; 0 when ``n == 1``.
 * ``reinforce``: ``r`` (no baseline).
-* ``reinforce_plus_plus_baseline``: ``a = r - mean_g``, then ``a / (std(a over the whole batch) + eps)``.
+* ``reinforce_plus_plus_baseline`` (verl's): ``a = r - mean_g`` on every action token of the
+  trajectory, then whitened over all action tokens of the batch: ``(a - mu) / sqrt(var + 1e-8)``,
+  ``mu`` and ``var`` (unbiased) over tokens, i.e. each trajectory weighted by its token count.
 
 A group of one (``n == 1``) has nothing to compare with: ``grpo``, ``drgrpo`` and
 ``reinforce_plus_plus_baseline`` use baseline 0 (and std 1), so it gets its raw reward;
@@ -15,13 +18,16 @@ A group of one (``n == 1``) has nothing to compare with: ``grpo``, ``drgrpo`` an
 
 The estimator contract (what a plugin implements, see :class:`AdvantageEstimator`)::
 
-    fn(rewards, group_ids, n_groups, *, norm_adv_by_std: bool, eps: float, **kwargs) -> advantages
+    fn(rewards, group_ids, n_groups, *, norm_adv_by_std: bool, eps: float, std_ddof: int,
+       **kwargs) -> advantages
 
 ``rewards`` is a float64 array of shape ``(N,)``, one trajectory reward per row for every
 trajectory of every group of one role; ``group_ids`` an int64 array ``(N,)`` with values in
-``0..n_groups-1`` (non-decreasing in practice; estimators must not rely on it); the result is one
-advantage per trajectory, shape ``(N,)``. All groups arrive at once, so an estimator is a handful
-of vectorised numpy calls (``np.bincount`` per-group sums), never a Python loop per group.
+``0..n_groups-1`` (non-decreasing in practice; estimators must not rely on it); an estimator that
+names ``token_counts`` in its signature also gets the number of action (response) tokens of each
+trajectory; the result is one advantage per trajectory, shape ``(N,)``. All groups arrive at once,
+so an estimator is a handful of vectorised numpy calls (``np.bincount`` per-group sums), never a
+Python loop per group.
 
 :func:`compute_advantages` runs one estimator per role (``algorithm.estimator_map[role]``, else
 ``algorithm.adv_estimator``), broadcasts each trajectory's advantage onto every step
@@ -117,12 +123,15 @@ def grpo(
     *,
     norm_adv_by_std: bool = True,
     eps: float = EPS,
+    std_ddof: int = 1,
     **_: Any,
 ) -> np.ndarray:
     """GRPO: ``(r - mean_g) / (std_g + eps)``, or ``r - mean_g`` without ``norm_adv_by_std``.
 
-    ``std_g`` is the population std (ddof 0). A group of one uses mean 0 and std 1, so its
-    advantage is its raw reward (the verl convention; it keeps ``rollout.n: 1`` from training on zeros).
+    ``std_g`` has ``std_ddof`` degrees of freedom removed: 1 (unbiased, verl's and TRL's
+    ``torch.std``) by default; 0 is the population std, which makes advantages ``sqrt(n/(n-1))``
+    larger. A group of one uses mean 0 and std 1, so its advantage is its raw reward (the verl
+    convention; it keeps ``rollout.n: 1`` from training on zeros).
     """
     import numpy as np
 
@@ -130,7 +139,8 @@ def grpo(
     centred = rewards - mean[group_ids]
     if not norm_adv_by_std:
         return centred
-    var = np.bincount(group_ids, weights=centred * centred, minlength=n_groups) / np.maximum(counts, 1)
+    sq = np.bincount(group_ids, weights=centred * centred, minlength=n_groups)
+    var = sq / np.maximum(counts - std_ddof, 1)
     std = np.where(counts > 1, np.sqrt(var), 1.0)
     return centred / (std[group_ids] + eps)
 
@@ -174,12 +184,18 @@ def reinforce_plus_plus_baseline(
     *,
     norm_adv_by_std: bool = True,
     eps: float = EPS,
+    std_ddof: int = 1,
+    token_counts: np.ndarray | None = None,
     **_: Any,
 ) -> np.ndarray:
-    """REINFORCE++-baseline: ``a = r - mean_g``, then ``a / (std of a over the batch + eps)``.
+    """REINFORCE++-baseline as verl defines it: group-centred, then whitened over the batch's tokens.
 
-    The batch is every trajectory of every group handed in (one role). ``norm_adv_by_std`` is
-    ignored: the batch normalisation is what defines the method. A group of one has baseline 0.
+    ``a = r - mean_g`` is put on each of the trajectory's ``token_counts`` action tokens, and the
+    token values of the whole batch (every trajectory of the role handed in) are whitened:
+    ``(a - mu) / sqrt(var + 1e-8)`` with ``mu = sum(n a) / sum(n)`` and
+    ``var = sum(n (a - mu)^2) / (sum(n) - std_ddof)``. Without ``token_counts`` every trajectory
+    counts as one token. ``norm_adv_by_std`` is ignored: the whitening defines the method. A group
+    of one has baseline 0.
     """
     import numpy as np
 
@@ -187,7 +203,13 @@ def reinforce_plus_plus_baseline(
     centred = rewards - mean[group_ids]
     if centred.size == 0:
         return centred
-    return centred / (centred.std() + eps)
+    n = np.ones_like(centred) if token_counts is None else np.asarray(token_counts, dtype=np.float64)
+    total = n.sum()
+    if total <= 0:
+        return np.zeros_like(centred)
+    mu = (n * centred).sum() / total
+    var = (n * (centred - mu) ** 2).sum() / max(total - std_ddof, 1.0)
+    return (centred - mu) / np.sqrt(var + 1e-8)
 
 
 BUILTIN_ESTIMATORS = {
@@ -311,6 +333,16 @@ def _resolve_estimator(name: str, role: str, algorithm: AlgorithmConfig, registr
         raise UnknownPluginError(f"{where}: {exc}") from None
 
 
+def _wants(fn: Any, keyword: str) -> bool:
+    """True when the estimator names ``keyword`` in its signature (not merely ``**kwargs``)."""
+    import inspect
+
+    try:
+        return keyword in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _check_precomputed(groups: Sequence[TrajectoryGroup]) -> None:
     """In precomputed mode a scalar advantage is an error: name the episode and the step."""
     for group in groups:
@@ -414,7 +446,20 @@ def compute_advantages(
             fn = _resolve_estimator(name, role, algorithm, registry)
             reward_arr = np.asarray(rewards, dtype=np.float64)
             group_ids = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
-            out = fn(reward_arr, group_ids, len(sizes), norm_adv_by_std=algorithm.norm_adv_by_std, eps=EPS)
+            extra: dict[str, Any] = {}
+            if _wants(fn, "token_counts"):  # a walk over every step: only for estimators that use it
+                extra["token_counts"] = np.fromiter(
+                    (sum(len(s.response_ids) for s in t.steps) for t in trajectories), np.float64, len(trajectories)
+                )
+            out = fn(
+                reward_arr,
+                group_ids,
+                len(sizes),
+                norm_adv_by_std=algorithm.norm_adv_by_std,
+                eps=EPS,
+                std_ddof=1 if algorithm.std_unbiased else 0,
+                **extra,
+            )
             adv_values = np.asarray(out, dtype=np.float64)
             if adv_values.shape != reward_arr.shape:
                 raise ValueError(

@@ -9,12 +9,13 @@ registered, through the registry.
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from rllm_core.types import TerminationReason
 
@@ -47,9 +48,9 @@ class _Section(BaseModel):
 
 class WorkflowConfig(_Section):
     name: str | None = None
-    """Registered workflow name or ``module:attr``."""
+    """Registered workflow name or ``module:attr`` (the module must be importable)."""
     args: dict[str, Any] = Field(default_factory=dict)
-    """Keyword arguments for a ``Workflow`` class (or passed to a workflow function as ``args``)."""
+    """Keyword arguments: ``wf(task, engine, **args)`` for a function, ``Cls(**args)`` for a ``Workflow`` class."""
     max_concurrency: int = Field(64, ge=1)
     """Episodes running at once."""
     timeout: float | None = Field(None, gt=0)
@@ -64,8 +65,9 @@ class RewardConfig(_Section):
     name: str | None = None
     """Registered reward function or ``module:attr``, applied where the workflow left no reward."""
     args: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the reward function: ``fn(task, action, **args)``."""
     timeout: float = Field(30.0, gt=0)
-    """Seconds per reward call; a timeout scores 0 and is counted."""
+    """Seconds per reward call; a timeout scores 0 and is counted in ``reward/timeouts``."""
 
 
 class DataConfig(_Section):
@@ -101,20 +103,50 @@ class FilterConfig(_Section):
     min_group_size: int = Field(1, ge=1)
     """Drop groups with fewer trajectories than this."""
     mask_termination_reasons: list[TerminationReason] = Field(default_factory=list)
-    """Zero the advantages of episodes that ended for these reasons (e.g. ``max_response_length``)."""
+    """Leave out of the loss (and of every denominator, the KL and the entropy terms) the episodes that
+    ended for these reasons; they still count in their group's baseline. ``max_response_length`` also
+    masks every row with a step cut by the length limit (overlong masking, DAPO)."""
 
 
 class LossConfig(_Section):
     name: str = "importance_sampling"
     """Policy loss: ``importance_sampling``, ``ppo`` (clip) or backend specific."""
-    agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    """How token losses become one number; ``seq-mean-token-sum-norm`` is Dr.GRPO's."""
+    agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = (
+        "token-mean"
+    )
+    """How token losses of the batch's rows become one number (docs/rows.md has the exact weights):
+    ``token-mean`` (DAPO), ``seq-mean-token-mean`` (GRPO paper), ``seq-mean-token-sum``,
+    ``seq-mean-token-sum-norm`` (Dr.GRPO: token sums over a constant, ``loss_scale_factor``)."""
+    loss_scale_factor: float | None = Field(None, gt=0)
+    """The constant divisor of ``seq-mean-token-sum-norm`` (verl's name); None: the training
+    ``max_tokens`` (``rollout.train_sampling.max_tokens``). Never the batch's longest response."""
     clip_low: float = Field(0.2, ge=0)
     """Lower PPO clip: the ratio is kept above ``1 - clip_low``."""
     clip_high: float = Field(0.28, ge=0)
     """Upper PPO clip (clip-higher, DAPO)."""
+    clip_ratio_c: float | None = Field(None, gt=1)
+    """Dual-clip PPO: for negative advantages the token loss is capped at ``-clip_ratio_c * A``
+    (verl uses 3.0); None: off."""
+    max_log_ratio: float = Field(20.0, gt=0)
+    """The log importance ratio is clamped to ``[-max_log_ratio, max_log_ratio]`` before ``exp``, so a
+    very stale or mismatched token cannot overflow to inf (and ``inf * 0`` to NaN)."""
     kl_coef: float = Field(0.0, ge=0)
     """Weight of the KL penalty to the reference policy (0 disables the reference)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    """Per-token KL(policy || reference) estimate, ``d = logp - ref_logp``: ``k1 = d``,
+    ``k2 = d^2 / 2``, ``k3 = exp(-d) + d - 1`` (non-negative, low variance)."""
+    kl_clamp: float | None = Field(10.0, gt=0)
+    """The per-token KL estimate is clamped to ``[-kl_clamp, kl_clamp]`` (verl's low-var-KL bound)."""
+    old_logprobs: Literal["sampler", "recompute"] = "sampler"
+    """What the importance ratio divides by. ``sampler``: the logprobs recorded when sampling, so the
+    ratio corrects both staleness (async) and any sampler/trainer mismatch. ``recompute``: the trainer
+    recomputes them with its current weights before the update (a proximal policy); then the ratio
+    is 1 at the first update and staleness is corrected only through ``tis_cap``."""
+    tis_cap: float | None = Field(None, gt=0)
+    """Truncated importance sampling for ``old_logprobs: recompute``: each token's loss is weighted by
+    ``min(exp(recomputed - sampler logprob), tis_cap)`` (verl's rollout correction), which corrects
+    stale samples and engines whose sampler logprobs differ from the trainer's (vLLM, Tinker).
+    None: no correction (async mode then warns)."""
 
 
 class OptimConfig(_Section):
@@ -139,6 +171,9 @@ class AlgorithmConfig(_Section):
     """Per-role estimator, e.g. ``{judge: reinforce}``."""
     norm_adv_by_std: bool = True
     """GRPO: divide by the group's reward std."""
+    std_unbiased: bool = True
+    """Standard deviations with Bessel's correction (``ddof = 1``, as verl and TRL); false: the
+    population std, which makes GRPO advantages ``sqrt(n / (n - 1))`` larger for groups of ``n``."""
     use_precomputed_advantage: bool = False
     """Steps carry their own per-token advantages (OPSD, distillation); estimators skip them."""
     stepwise_mode: Literal["broadcast"] = "broadcast"
@@ -204,6 +239,9 @@ class AsyncConfig(_Section):
     """Push weights to the sampler every k optimiser updates."""
     partial_rollout: bool = False
     """Keep generating across a weight sync instead of pausing and draining."""
+    max_requeues: int = Field(2, ge=0)
+    """Times a task is generated again after its result was dropped as stale or its generation
+    failed; after that it is given up (``async/given_up``)."""
 
 
 class RLLMConfig(BaseModel):
@@ -240,6 +278,23 @@ class RLLMConfig(BaseModel):
             return {k: ({} if v is None else v) for k, v in value.items()}
         return value
 
+    @model_validator(mode="after")
+    def _check_loss_scale(self) -> RLLMConfig:
+        if self.algorithm.loss.agg_mode == "seq-mean-token-sum-norm" and self.loss_scale_factor() is None:
+            raise ValueError(
+                "algorithm.loss.loss_scale_factor: seq-mean-token-sum-norm divides by a constant; set it "
+                "(e.g. the max response length) or set rollout.train_sampling.max_tokens"
+            )
+        return self
+
+    def loss_scale_factor(self) -> float | None:
+        """``algorithm.loss.loss_scale_factor``, else the training ``max_tokens`` (None when neither is set)."""
+        factor = self.algorithm.loss.loss_scale_factor
+        if factor is None:
+            max_tokens = self.rollout.train_sampling.get("max_tokens")
+            factor = float(max_tokens) if isinstance(max_tokens, int | float) and max_tokens > 0 else None
+        return factor
+
     def section(self, name: str) -> dict[str, Any]:
         """A plugin's raw section (``{}`` when absent)."""
         return dict((self.model_extra or {}).get(name) or {})
@@ -253,13 +308,16 @@ class RLLMConfig(BaseModel):
         return self.model_dump(mode="json", by_alias=True)
 
 
+_HEADER = "invalid config:\n"
+
+
 def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     lines = []
     for err in exc.errors():
         path = ".".join(str(p) for p in err["loc"])
         full = f"{prefix}.{path}" if prefix and path else (prefix or path or "(root)")
         lines.append(f"  {full}: {err['msg']}")
-    return "invalid config:\n" + "\n".join(lines)
+    return _HEADER + "\n".join(lines)
 
 
 def _validate_section(model: Any, raw: Any, path: str) -> Any:
@@ -270,40 +328,96 @@ def _validate_section(model: Any, raw: Any, path: str) -> Any:
 
 
 def validate_plugin_sections(config: RLLMConfig, registry: Any | None = None) -> RLLMConfig:
-    """Validate the sections that plugins own, and resolve ``backend: auto``.
+    """Resolve every name the config gives and validate the sections plugins own.
 
-    Validated models are kept on the config (``config.plugin_config(name)``).
+    What the trainer calls first, so that a bad name fails before a model is built:
+    ``backend: auto`` becomes the installed backend with the highest priority (never one
+    registered with ``auto=False``, such as the simulated test backend); the backend, hooks,
+    loggers and estimators must be registered (hooks and loggers may be ``module:attr``);
+    ``workflow.name`` and ``reward.name`` must resolve to a workflow / a callable that accepts
+    ``workflow.args`` / ``reward.args``; the backend's section and each hook's and logger's
+    settings are validated with the pydantic model the plugin registered (defaults filled in).
+    Every problem is reported at once, in one ``ConfigError``, by its field. A top-level key
+    that is neither a core section nor a plugin's name (a misspelt ``trainr:`` would otherwise
+    pass as a plugin section) gets a ``UserWarning`` naming the closest known name.
+
+    Validated models are kept on the config (``config.plugin_config(name)``), also those that
+    validated when another part did not.
     """
     from rllm_core.plugins import UnknownPluginError, get_registry
+    from rllm_core.workflows import resolve_reward, resolve_workflow
 
     registry = registry or get_registry()
-    validated: dict[str, Any] = {}
-    try:
-        if config.backend == "auto":
-            config.backend = registry.default_backend()
-        reg = registry.get("backend", config.backend)
-    except UnknownPluginError as exc:
-        raise ConfigError(f"backend: {exc}") from None
-    if reg.config_model is not None:
-        validated[config.backend] = _validate_section(reg.config_model, config.section(config.backend), config.backend)
-    for kind, section in (("hook", "hooks"), ("logger", "loggers")):
-        for name, settings in getattr(config, section).items():
-            try:
-                reg = registry.get(kind, name)
-            except UnknownPluginError as exc:
-                raise ConfigError(f"{section}.{name}: {exc}") from None
-            if reg.config_model is not None:
-                getattr(config, section)[name] = _validate_section(
-                    reg.config_model, settings, f"{section}.{name}"
-                ).model_dump()
-    for role, est in {"": config.algorithm.adv_estimator, **config.algorithm.estimator_map}.items():
+    _warn_unknown_sections(config, registry)
+    problems: list[str] = []
+    listed = False  # a pydantic error: problems are shown as a list under "invalid config:"
+
+    def check(where: str, fn: Any, *args: Any) -> Any:
+        nonlocal listed
         try:
-            registry.get("estimator", est)
+            return fn(*args)
         except UnknownPluginError as exc:
-            where = f"algorithm.estimator_map.{role}" if role else "algorithm.adv_estimator"
-            raise ConfigError(f"{where}: {exc}") from None
-    config._plugin_configs = validated
+            problems.append(f"{where}: {exc}")
+        except ConfigError as exc:
+            text = str(exc)
+            if text.startswith(_HEADER):
+                listed = True
+                problems.extend(line.strip() for line in text[len(_HEADER) :].splitlines())
+            else:
+                problems.append(text)
+        return None
+
+    config._plugin_configs = {}
+    backend = config.backend if config.backend != "auto" else check("backend", registry.default_backend)
+    reg = check("backend", registry.get, "backend", backend) if backend is not None else None
+    if reg is not None:
+        config.backend = backend
+        if reg.config_model is not None:
+            section = check(backend, _validate_section, reg.config_model, config.section(backend), backend)
+            if section is not None:
+                config._plugin_configs[backend] = section
+    for kind, field in (("hook", "hooks"), ("logger", "loggers")):
+        settings_by_name = getattr(config, field)
+        for name, settings in settings_by_name.items():
+            reg = check(f"{field}.{name}", registry.get, kind, name)
+            if reg is not None and reg.config_model is not None:
+                section = check(name, _validate_section, reg.config_model, settings, f"{field}.{name}")
+                if section is not None:
+                    settings_by_name[name] = section.model_dump()
+    for role, est in {"": config.algorithm.adv_estimator, **config.algorithm.estimator_map}.items():
+        check(f"algorithm.estimator_map.{role}" if role else "algorithm.adv_estimator", registry.get, "estimator", est)
+    if config.workflow.name is not None:
+        check("workflow.name", resolve_workflow, config.workflow.name, config.workflow.args)
+    if config.reward.name is not None:
+        check("reward.name", resolve_reward, config.reward.name, config.reward.args)
+    if problems:
+        if listed or len(problems) > 1:
+            raise ConfigError(_HEADER + "\n".join(f"  {p}" for p in problems))
+        raise ConfigError(problems[0])
     return config
+
+
+def _warn_unknown_sections(config: RLLMConfig, registry: Any) -> None:
+    """Warn about top-level keys that no core section and no plugin owns (typos, usually)."""
+    from rllm_core.plugins import KNOWN_PROVIDERS
+
+    extra = config.model_extra or {}
+    if not extra:
+        return
+    core = {field.alias or name for name, field in RLLMConfig.model_fields.items()}
+    plugins = {name for kind in registry.KINDS for name in registry.names(kind)}
+    plugins |= {name for _, name in KNOWN_PROVIDERS}  # e.g. a tinker: section in a file shared with other setups
+    for key in extra:
+        if key in plugins:
+            continue
+        close = difflib.get_close_matches(key, sorted(core | plugins), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        warnings.warn(
+            f"config section {key!r} is neither a core section nor the name of an installed plugin; "
+            f"it is kept as a plugin section{hint}",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 _FREE_FORM_DICTS = (

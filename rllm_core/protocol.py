@@ -3,12 +3,17 @@
 A backend owns the model, the sampler and the optimiser; the trainer owns the loop. Per training
 step the trainer calls, in order::
 
-    generate_episodes -> (group, filter) -> transform_to_backend_batch -> process_backend_batch
-        -> compute_advantages -> update_policy -> [on_policy_updated when the version changes]
+    generate_episodes -> (group, filter) -> [token rows] -> transform_to_backend_batch
+        -> process_backend_batch -> compute_advantages -> [row advantages] -> update_policy
+        -> [on_policy_updated when the version changes]
 
-``compute_advantages`` comes after ``process_backend_batch`` so a backend can use what that stage
-computed (reference logprobs for a KL-in-reward, values); the default writes ``step.advantage``
-and backends read advantages from the steps (or their batch) in ``update_policy``.
+Token rows (``state.rows``, :mod:`rllm_core.rows`) are the one form in which the groups reach a
+backend: ids, loss mask, sampling logprobs and advantages aligned token by token. A backend turns
+them into its own tensors (datums, ``DataProto``) in ``transform_to_backend_batch``; it never walks
+the steps itself. ``compute_advantages`` comes after ``process_backend_batch`` so a backend can use
+what that stage computed (reference logprobs for a KL-in-reward, values); it writes
+``step.advantage`` and the trainer then copies those into ``state.rows.advantages``, which
+``update_policy`` reads.
 
 Subclass :class:`Backend` to get the defaults (episodes from the workflow engine, advantages
 from the core estimators, no-op lifecycle hooks) and override what your backend needs.
@@ -25,6 +30,7 @@ from rllm_core.types import Episode, TrajectoryGroup
 if TYPE_CHECKING:
     from rllm_core.config import AlgorithmConfig, RLLMConfig
     from rllm_core.engine import RolloutEngine
+    from rllm_core.rows import TokenRows
 
 __all__ = ["Backend", "BackendProtocol", "TrainerState"]
 
@@ -42,6 +48,9 @@ class TrainerState:
     batch: list[dict[str, Any]] = field(default_factory=list)
     episodes: list[Episode] = field(default_factory=list)
     groups: list[TrajectoryGroup] = field(default_factory=list)
+    rows: TokenRows | None = None
+    """The groups as token rows (:mod:`rllm_core.rows`), built by the trainer before
+    ``transform_to_backend_batch``; their advantages are filled right after ``compute_advantages``."""
     backend_batch: Any = None
     """Whatever ``transform_to_backend_batch`` produced (tensors, datums, DataProto)."""
     metrics: dict[str, float] = field(default_factory=dict)

@@ -17,7 +17,8 @@ same method (:meth:`UnifiedTrainer._train_on`) in both modes.
 Lifecycle events go to the backend (``on_train_start(state)``...) and then to the hook plugins
 the config switches on (``on_train_start(trainer)``...). ``on_policy_updated`` fires exactly once
 per version change. Ctrl-C stops after the current step (a second Ctrl-C abandons it), writes a
-checkpoint and closes the loggers.
+checkpoint and closes the loggers; ``trainer.interrupted`` then tells the caller (``rllm train``
+exits 130). Checkpoints are written in a thread between steps, so generation goes on meanwhile.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from rllm_core.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from rllm_core.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint
 from rllm_core.config import ConfigError, RLLMConfig, validate_plugin_sections
 from rllm_core.coordinator import Coordinator, TaskResult
 from rllm_core.data import TaskLoader, load_train_val
@@ -40,6 +41,7 @@ from rllm_core.loggers import Logger, MultiLogger
 from rllm_core.metrics import episode_metrics, validation_metrics
 from rllm_core.plugins import HookRunner, get_registry
 from rllm_core.protocol import TrainerState
+from rllm_core.rows import build_rows
 from rllm_core.types import Episode, TrajectoryGroup
 from rllm_core.workflows import WorkflowEngine
 
@@ -72,14 +74,7 @@ class UnifiedTrainer:
             )
         registry = get_registry()
         self.run_dir = config.trainer.resolved_run_dir
-        if backend is None:
-            backend = registry.resolve("backend", config.backend)(config)
-        self.backend = backend
-        backend.validate_config(config)
-        self.engine = backend.init_rollout_engine()
-        if getattr(backend, "rollout_engine", None) is None:
-            backend.rollout_engine = self.engine
-        self.workflow_engine = WorkflowEngine(workflow, config, self.engine, reward_fn)
+        # Data and hooks first: a bad data path or hook setting fails before a model is built.
         train, val = load_train_val(config.data, seed=config.trainer.seed)
         self.loader = TaskLoader(
             train,
@@ -91,6 +86,14 @@ class UnifiedTrainer:
         self.val_tasks = val
         self.hook_plugins: dict[str, Any] = {}
         self.runner = self._build_hooks()
+        if backend is None:
+            backend = registry.resolve("backend", config.backend)(config)
+        self.backend = backend
+        backend.validate_config(config)
+        self.engine = backend.init_rollout_engine()
+        if getattr(backend, "rollout_engine", None) is None:
+            backend.rollout_engine = self.engine
+        self.workflow_engine = WorkflowEngine(workflow, config, self.engine, reward_fn)
         self.logger: MultiLogger = MultiLogger({})
         self.step = 0
         """Training steps done (batches consumed)."""
@@ -102,14 +105,21 @@ class UnifiedTrainer:
         self.last_metrics: dict[str, float] = {}
         self.val_metrics: dict[str, float] = {}
         self.resumed_from: Path | None = None
+        """The checkpoint this run resumed from (None for a fresh run)."""
         self.last_checkpoint: Path | None = None
+        self.interrupted = False
+        """Stopped by Ctrl-C (SIGINT), not by the end of the data or ``request_stop()``."""
         self._saved_step = -1
         self._validated_step = -1
         self._pending: list[tuple[int, int]] = []
+        self._coord: Coordinator | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requested = False
         self._abandon = False
         self._in_update = False
         self._epochs_started: set[int] = set()
+        self._epochs_ended: set[int] = set()
+        self._hook_failures_logged = 0
         cap = config.trainer.total_steps
         self.total_steps = min(cap, self.loader.total_steps) if cap else self.loader.total_steps
 
@@ -155,12 +165,23 @@ class UnifiedTrainer:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self.fit_async())
-        raise RuntimeError("fit() called inside a running event loop; use `await trainer.fit_async()`")
+            pass  # run outside the except block: the caught error would be every later error's context
+        else:
+            raise RuntimeError("fit() called inside a running event loop; use `await trainer.fit_async()`")
+        return asyncio.run(self.fit_async())
 
     def request_stop(self) -> None:
-        """Stop after the current step (what Ctrl-C does); plugins may call it too."""
+        """Stop after the current step (what Ctrl-C does); plugins may call it too, from any thread.
+
+        In async mode a training loop waiting for episodes or for a drain stops waiting at once.
+        """
         self._stop_requested = True
+        coord, loop = self._coord, self._loop
+        if coord is not None and loop is not None:
+            try:
+                loop.call_soon_threadsafe(coord.request_stop)
+            except RuntimeError:  # the loop closed meanwhile: nothing is waiting any more
+                pass
 
     async def fit_async(self) -> dict[str, float]:
         """Train to the end; returns the last step's metrics."""
@@ -178,6 +199,7 @@ class UnifiedTrainer:
                 gc.unfreeze()
 
     async def _fit(self) -> dict[str, float]:
+        self._loop = asyncio.get_running_loop()
         self._open_run()
         self._maybe_resume()
         main_task = asyncio.current_task()
@@ -187,6 +209,8 @@ class UnifiedTrainer:
         try:
             await self.backend.on_train_start(state)
             await self.runner.call("on_train_start", trainer=self)
+            # Resumed between weight syncs (sync_every > 1): the sampler must serve the loaded weights.
+            await self._publish(state)
             if self.config.trainer.val_before_train and self.val_tasks and self.step == 0:
                 await self.validate()
             if self.config.trainer.mode == "async":
@@ -215,7 +239,7 @@ class UnifiedTrainer:
     async def _close(self, crashed: bool) -> None:
         try:
             if not crashed and not self._in_update and self.step > self._saved_step and self.step > 0:
-                self.save_checkpoint()
+                await self._save_checkpoint()
             state = self._new_state()
             await self.backend.on_train_end(state)
             await self.runner.call("on_train_end", trainer=self)
@@ -242,8 +266,9 @@ class UnifiedTrainer:
         loop = asyncio.get_running_loop()
 
         def on_sigint() -> None:
+            self.interrupted = True
             if not self._stop_requested:
-                self._stop_requested = True
+                self.request_stop()
                 log.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to abandon it)")
             else:
                 self._abandon = True
@@ -270,31 +295,58 @@ class UnifiedTrainer:
             return
         st = load_checkpoint(path, self.backend)
         self.step = int(st["step"])
-        self.weight_version = self.served_version = int(st["weight_version"])
+        # The backend loaded the trainer's weights (weight_version); the sampler may have served
+        # an older version at the save (sync_every > 1). _fit pushes the loaded weights to it.
+        # Checkpoints from before served_version was recorded hold the served version only.
+        self.weight_version = int(st["weight_version"])
+        self.served_version = int(st.get("served_version", self.weight_version))
         self.loader.load_state_dict(st["data"])
         self._pending = [tuple(k) for k in st.get("pending", [])]
         self._epochs_started = set(st.get("epochs_started", []))
-        self.engine.set_weight_version(self.weight_version)
+        if "epochs_ended" in st:
+            self._epochs_ended = set(st["epochs_ended"])
+        else:  # an older checkpoint: the epochs left behind with nothing pending had ended
+            pending_epochs = {epoch for epoch, _ in self._pending}
+            self._epochs_ended = {e for e in self._epochs_started if e < self.loader.epoch and e not in pending_epochs}
+        self.engine.set_weight_version(self.served_version)
         self._saved_step = self.step
         self.resumed_from = path
         log.info("resumed from %s at step %d", path, self.step)
+        # What the interrupted run logged after this step is redone: loggers drop it.
+        self.logger.on_resume(self.step, path)
 
     def save_checkpoint(self) -> Path:
-        """Write a checkpoint of the current step now (atomic)."""
+        """Write a checkpoint of the current step now (atomic; blocks until written)."""
+        return self._write_checkpoint(*self._checkpoint_state())
+
+    async def _save_checkpoint(self) -> Path:
+        # The files are written in a thread, so async generation goes on; the training loop
+        # awaits it, so no update runs while the backend saves. The state is taken here, on the
+        # loop, so the loader position and the pending tasks agree.
+        return await asyncio.to_thread(self._write_checkpoint, *self._checkpoint_state())
+
+    def _checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        pending = self._coord.pending_keys() if self._coord is not None else self._pending
         trainer_state = {
             "step": self.step,
-            "weight_version": self.served_version,
+            "weight_version": self.weight_version,
+            "served_version": self.served_version,
             "epoch": self.loader.epoch,
             "data": self.loader.state_dict(),
-            "pending": [list(k) for k in self._pending],
+            "pending": [list(k) for k in pending],
             "epochs_started": sorted(self._epochs_started),
+            "epochs_ended": sorted(self._epochs_ended),
             "time": time.time(),
             "config": self.config.to_dict(),
         }
+        return trainer_state, rng_state()
+
+    def _write_checkpoint(self, trainer_state: dict[str, Any], rng: dict[str, Any]) -> Path:
+        step = trainer_state["step"]
         self.last_checkpoint = save_checkpoint(
-            self.run_dir, self.step, trainer_state, self.backend, keep=self.config.trainer.keep_checkpoints
+            self.run_dir, step, trainer_state, self.backend, keep=self.config.trainer.keep_checkpoints, rng=rng
         )
-        self._saved_step = self.step
+        self._saved_step = step
         return self.last_checkpoint
 
     # -- shared step machinery ----------------------------------------------------------------
@@ -313,6 +365,9 @@ class UnifiedTrainer:
         await self.runner.call("on_epoch_start", trainer=self, epoch=epoch)
 
     async def _epoch_end(self, epoch: int) -> None:
+        if epoch in self._epochs_ended:
+            return
+        self._epochs_ended.add(epoch)
         await self.backend.on_epoch_end(self._new_state(epoch=epoch))
         await self.runner.call("on_epoch_end", trainer=self, epoch=epoch)
 
@@ -359,7 +414,13 @@ class UnifiedTrainer:
             metrics["async/staleness/min"] = float(min(staleness))
             metrics["async/staleness/mean"] = sum(staleness) / len(staleness)
             metrics["async/staleness/max"] = float(max(staleness))
-        if not groups:
+        if groups:
+            # The one transform every backend trains through (off the loop: it walks every token).
+            state.rows = await asyncio.to_thread(
+                build_rows, groups, mask_reasons=self.config.algorithm.filter.mask_termination_reasons
+            )
+            metrics.update(state.rows.metrics)
+        if not groups or not len(state.rows):
             metrics["train/skipped_updates"] = 1.0
             return metrics
         start = time.perf_counter()
@@ -367,6 +428,7 @@ class UnifiedTrainer:
         state.backend_batch = await self.backend.transform_to_backend_batch(state)
         await self.backend.process_backend_batch(state)
         await self.backend.compute_advantages(state, self.config.algorithm)
+        state.rows.fill_advantages()
         await self.backend.update_policy(state)
         self.weight_version += 1
         self._in_update = False
@@ -397,9 +459,12 @@ class UnifiedTrainer:
             metrics[key] = value
         metrics["trainer/step"] = float(self.step)
         metrics["trainer/epoch"] = float(state.epoch)
-        metrics["trainer/weight_version"] = float(self.served_version)
+        metrics["trainer/weight_version"] = float(self.weight_version)
+        metrics["trainer/served_version"] = float(self.served_version)
         metrics["trainer/total_steps"] = float(self.total_steps)
-        metrics["hooks/failures"] = float(sum(self.runner.failures.values()))
+        hook_failures = sum(self.runner.failures.values())
+        metrics["hooks/failures"] = float(hook_failures - self._hook_failures_logged)  # since the last step
+        self._hook_failures_logged = hook_failures
         metrics["loggers/failures"] = float(sum(self.logger.failures.values()))
         state.metrics = metrics
         self.last_metrics = metrics
@@ -415,7 +480,7 @@ class UnifiedTrainer:
         if cfg.val_every and self.val_tasks and self.step % cfg.val_every == 0:
             await self.validate()
         if cfg.save_every and self.step % cfg.save_every == 0:
-            self.save_checkpoint()
+            await self._save_checkpoint()
 
     def _should_stop(self) -> bool:
         return self._stop_requested or self.step >= self.total_steps
@@ -483,40 +548,42 @@ class UnifiedTrainer:
     async def _generation_loop(self, coord: Coordinator) -> None:
         running: set[asyncio.Task] = set()
 
-        async def run_one(epoch: int, pos: int, task: dict[str, Any]) -> None:
+        async def run_one(key: tuple[int, int], task: dict[str, Any]) -> None:
             try:
                 episodes = await self.backend.generate_episodes([task], self.workflow_engine, is_validation=False)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self.config.workflow.raise_on_error:
+                    await coord.fail(exc)  # the training loop raises it, as sync mode would
+                    return
                 log.warning("generate_episodes failed for task %s: %r", task.get(self.config.data.id_key), exc)
-                self.workflow_engine._count("async/generate_failures")
-                await coord.abandon((epoch, pos))
+                await coord.give_back(key, failed=True)
                 return
-            await coord.complete(TaskResult(epoch, pos, episodes))
+            await coord.complete(TaskResult(key[0], key[1], episodes))
 
-        def items():
-            for epoch, pos in self._pending:
-                yield epoch, pos, self.loader.task_at(epoch, pos)
-            while (nxt := self.loader.next_task()) is not None:
-                yield nxt
-
-        last_epoch: int | None = None
         try:
-            for epoch, pos, task in items():
-                if last_epoch is not None and epoch != last_epoch:
-                    await self._epoch_end(last_epoch)
-                if epoch != last_epoch:
-                    await self._epoch_start(epoch)
-                    last_epoch = epoch
-                await coord.admit((epoch, pos))
-                t = asyncio.create_task(run_one(epoch, pos, task))
+            while True:
+                key = coord.next_todo()  # given back, or pending in the checkpoint: before new tasks
+                if key is None:
+                    nxt = self.loader.next_task()
+                    if nxt is None:
+                        if await coord.wait_for_todo():
+                            continue
+                        break
+                    key = nxt[:2]
+                    coord.hold(key)
+                await self._epoch_start(key[0])
+                if not await coord.admit(key):
+                    break  # stopping
+                t = asyncio.create_task(run_one(key, self.loader.task_at(*key)))
                 running.add(t)
                 t.add_done_callback(running.discard)
-            if running:
-                await asyncio.gather(*list(running))
-            if last_epoch is not None:
-                await self._epoch_end(last_epoch)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            await coord.fail(exc)  # e.g. a backend's on_epoch_start raised: training must not wait on
+            raise
         finally:
             for t in list(running):
                 t.cancel()
@@ -525,17 +592,24 @@ class UnifiedTrainer:
     async def _fit_async_mode(self) -> None:
         cfg = self.config.async_
         batch_size = self.config.data.train_batch_size
-        coord = Coordinator(batch_size, cfg.max_staleness, cfg.sync_every, cfg.partial_rollout, start_step=self.step)
+        coord = Coordinator(
+            batch_size,
+            cfg.max_staleness,
+            cfg.sync_every,
+            cfg.partial_rollout,
+            start_step=self.step,
+            max_requeues=cfg.max_requeues,
+            todo=self._pending,
+        )
+        self._coord = coord
         gen_task = asyncio.create_task(self._generation_loop(coord))
         last_end = time.perf_counter()
         last_gen_busy = 0.0
         try:
             while not self._should_stop():
                 wait_start = time.perf_counter()
-                results, dropped = await coord.take(self.weight_version)
+                results = await coord.take(self.weight_version)
                 waited = time.perf_counter() - wait_start
-                if gen_task.done() and not gen_task.cancelled() and gen_task.exception() is not None:
-                    raise gen_task.exception()  # type: ignore[misc]
                 if not results:
                     break
                 step_start = time.perf_counter()
@@ -549,7 +623,6 @@ class UnifiedTrainer:
                 drain = 0.0
                 if self.step - coord.synced_step >= cfg.sync_every:
                     drain = await self._sync(coord, state)
-                self._pending = coord.pending_keys()
                 now = time.perf_counter()
                 interval = now - last_end
                 gen_busy = coord.gen_busy_time()
@@ -560,23 +633,32 @@ class UnifiedTrainer:
                     max(0.0, 1.0 - (gen_busy - last_gen_busy) / interval) if interval else 0.0
                 )
                 metrics["timing/train_idle_frac"] = min(1.0, (waited + drain) / interval) if interval else 0.0
-                metrics["async/dropped_stale"] = float(dropped)
+                metrics.update(coord.pop_counters())
                 metrics["async/queued"] = float(len(coord.queue))
                 metrics["async/in_flight"] = float(len(coord.in_flight))
                 last_end, last_gen_busy = now, gen_busy
                 await self._finish_step(state, metrics, step_start - waited)
+                await self._end_settled_epochs(coord)
                 await self._after_step()
+            if not self._should_stop():
+                await self._end_settled_epochs(coord)  # the last tasks may have been given up
         finally:
             gen_task.cancel()
             await asyncio.gather(gen_task, return_exceptions=True)
             self._pending = coord.pending_keys() if self._should_stop() else []
+            self._coord = None
         # Generation is over, so nothing needs draining: push the last update directly.
         await self._publish(self._new_state())
 
+    async def _end_settled_epochs(self, coord: Coordinator) -> None:
+        """``on_epoch_end`` once every task of the epoch was handed out and trained on (or given up)."""
+        unsettled = {epoch for epoch, _ in coord.pending_keys()}
+        for epoch in sorted(self._epochs_started - self._epochs_ended):
+            if epoch < self.loader.epoch and epoch not in unsettled:
+                await self._epoch_end(epoch)
+
     async def _sync(self, coord: Coordinator, state: TrainerState) -> float:
         if self.weight_version == self.served_version:
-            coord.synced_step = self.step  # nothing to push (no update since the last sync)
-            async with coord._cond:
-                coord._cond.notify_all()
+            await coord.mark_synced(self.step)  # nothing to push (no update since the last sync)
             return 0.0
         return await coord.sync(self.step, lambda: self._publish(state))

@@ -155,7 +155,7 @@ class ChatView(Sequence):
 
     @classmethod
     def from_list(cls, messages: Sequence[Mapping[str, Any]]) -> ChatView:
-        """A fresh, unshared snapshot (used when loading)."""
+        """A fresh, unshared snapshot."""
         conv = _Conversation()
         conv.frozen.extend(_store(m) for m in messages)
         return cls(conv, len(conv.frozen))
@@ -198,7 +198,9 @@ class ChatView(Sequence):
                 for i, m in enumerate(value):
                     if not isinstance(m, Mapping):
                         raise ValueError(f"message {i} must be a dict, got {type(m).__name__}")
-                return cls.from_list(value)
+                # ``Step(chat_completions=messages)`` shares storage with the earlier snapshots of
+                # the same growing list, exactly like ``Step.from_model_output``.
+                return cls.snapshot(value)
             raise ValueError(f"expected a list of message dicts, got {type(value).__name__}")
 
         return core_schema.no_info_plain_validator_function(

@@ -16,9 +16,10 @@ an episode gives an episode with termination reason ``error``/``timeout`` and th
 the data loader sets to the row index when missing) and ``rollout_idx``, and applies the
 configured reward function to trajectories whose ``reward`` is None. A sync reward function runs in
 worker threads, never on the event loop; the calls submitted in one loop tick share thread hops. A
-reward function that raises or exceeds ``reward.timeout`` scores 0 and is counted, never a crash.
+reward function that raises or exceeds ``reward.timeout`` scores 0 and is counted, never a crash;
+a thread stuck in a call past its timeout is replaced, never waited for (see :class:`_RewardRunner`).
 Counters of such events are kept in :attr:`WorkflowEngine.counters` and drained by the trainer
-once per step.
+once per step (``reward/stuck_threads`` is not an event count but how many such threads remain).
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import inspect
+import queue
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from rllm_core.engine import RolloutEngine, SamplingEngine
@@ -74,18 +76,31 @@ def _accepted_kwargs(fn: Callable[..., Any], args: Mapping[str, Any], where: str
     return dict(args)
 
 
-def resolve_workflow(spec: Any, args: Mapping[str, Any] | None = None) -> Callable[[dict, SamplingEngine], Any]:
-    """A callable ``(task, engine) -> awaitable`` for a registered name, ``module:attr`` or object."""
-    args = dict(args or {})
-    obj = spec
-    if isinstance(spec, str):
-        from rllm_core.plugins import get_registry
+def _resolve_name(kind: str, spec: str) -> Any:
+    """The object registered as ``spec`` (or imported from ``module:attr``); errors name ``<kind>.name``."""
+    from rllm_core.config import ConfigError
+    from rllm_core.plugins import UnknownPluginError, get_registry
 
-        obj = get_registry().resolve("workflow", spec)
+    try:
+        return get_registry().resolve(kind, spec)
+    except UnknownPluginError as exc:
+        raise ConfigError(f"{kind}.name: {exc}") from None
+
+
+def resolve_workflow(spec: Any, args: Mapping[str, Any] | None = None) -> Callable[[dict, SamplingEngine], Any]:
+    """A callable ``(task, engine) -> awaitable`` for a registered name, ``module:attr`` or object.
+
+    A bad name, or one that is not a workflow, is a ``ConfigError`` naming ``workflow.name``;
+    an argument the workflow does not take names ``workflow.args.<key>``.
+    """
+    from rllm_core.config import ConfigError
+
+    args = dict(args or {})
+    obj = _resolve_name("workflow", spec) if isinstance(spec, str) else spec
     if inspect.isclass(obj):
-        init_kwargs = _accepted_kwargs(obj.__init__, args, "workflow.args", skip=1)
         if not callable(getattr(obj, "run", None)):
-            raise TypeError(f"workflow class {obj.__name__} has no run(task, engine) method")
+            raise ConfigError(f"workflow.name: workflow class {obj.__name__} has no run(task, engine) method")
+        init_kwargs = _accepted_kwargs(obj.__init__, args, "workflow.args", skip=1)
 
         async def run_class(task: dict, engine: SamplingEngine) -> Any:
             return await obj(**init_kwargs).run(task, engine)
@@ -95,7 +110,7 @@ def resolve_workflow(spec: Any, args: Mapping[str, Any] | None = None) -> Callab
     if isinstance(obj, Workflow):
         return obj.run
     if not callable(obj):
-        raise TypeError(f"workflow {spec!r} is neither a function nor a Workflow class")
+        raise ConfigError(f"workflow.name: {spec!r} is neither a function nor a Workflow class")
     kwargs = _accepted_kwargs(obj, args, "workflow.args", skip=2)
 
     async def run_fn(task: dict, engine: SamplingEngine) -> Any:
@@ -109,16 +124,18 @@ def resolve_workflow(spec: Any, args: Mapping[str, Any] | None = None) -> Callab
 
 
 def resolve_reward(spec: Any, args: Mapping[str, Any] | None = None) -> Callable[..., Any] | None:
-    """The reward function for a registered name, ``module:attr`` or callable (None: no reward fn)."""
+    """The reward function for a registered name, ``module:attr`` or callable (None: no reward fn).
+
+    A bad name, or one that is not callable, is a ``ConfigError`` naming ``reward.name``; an
+    argument the function does not take names ``reward.args.<key>``.
+    """
+    from rllm_core.config import ConfigError
+
     if spec is None:
         return None
-    fn = spec
-    if isinstance(spec, str):
-        from rllm_core.plugins import get_registry
-
-        fn = get_registry().resolve("reward", spec)
+    fn = _resolve_name("reward", spec) if isinstance(spec, str) else spec
     if not callable(fn):
-        raise TypeError(f"reward {spec!r} is not callable")
+        raise ConfigError(f"reward.name: {spec!r} is not callable (a reward is fn(task, action))")
     kwargs = _accepted_kwargs(fn, dict(args or {}), "reward.args", skip=2)
     if not kwargs:
         return fn
@@ -135,9 +152,20 @@ def _error_text(exc: BaseException) -> str:
 
 
 class _Call:
-    """One queued reward call; its worker thread writes ``result``/``error``, then ``finished``."""
+    """One queued reward call; a worker thread writes ``result``/``error``, then ``finished``."""
 
-    __slots__ = ("action", "batch", "error", "expired", "finished", "future", "result", "task")
+    __slots__ = (
+        "action",
+        "batch",
+        "error",
+        "expired",
+        "finished",
+        "future",
+        "result",
+        "started",
+        "task",
+        "written_off",
+    )
 
     def __init__(self, task: Any, action: Any, future: asyncio.Future, batch: _Batch) -> None:
         self.task = task
@@ -146,8 +174,10 @@ class _Call:
         self.batch = batch
         self.result: Any = None
         self.error: BaseException | None = None
+        self.started = False
         self.finished = False
         self.expired = False
+        self.written_off = False
 
 
 class _Batch:
@@ -172,21 +202,38 @@ class _RewardRunner:
     up to ``max_workers``, so blocking (I/O, subprocess) rewards still get the pool's parallelism
     and a hung call never holds the others up. A call's timeout runs from its submission, as with
     one executor job per call; a call whose timeout passes before a drainer reaches it never runs.
+
+    Python cannot stop a thread, so a call still running at its timeout is *written off*: its
+    thread stops counting against ``max_workers`` (another drainer may take its place at once) and
+    exits, dropping the result, when the call returns, if ever. Worker threads are daemon threads,
+    so stuck calls never keep the process alive at exit (``ThreadPoolExecutor`` joins its threads
+    at exit, which is why it is not used). At most ``max_stuck`` threads are written off at a time,
+    so a reward that always hangs cannot create threads without bound: past that, a stuck worker
+    keeps its place and later calls time out waiting. Reward functions are never pickled, so any
+    callable works (closures, lambdas, objects holding state or connections).
     """
 
     _post_every = 0.002
     """Seconds a drainer may hold finished results before handing them to the loop."""
+    _idle_exit = 10.0
+    """Seconds an idle worker thread waits for a job before it exits."""
 
-    def __init__(self, fn: Callable[..., Any], timeout: float, max_workers: int = 32) -> None:
+    def __init__(self, fn: Callable[..., Any], timeout: float, max_workers: int = 32, max_stuck: int = 128) -> None:
         self.fn = fn
         self.timeout = timeout
         self.max_workers = max_workers
+        self.max_stuck = max_stuck
+        self.stuck = 0
+        """Threads written off and still inside a call that outlived its timeout."""
         self._supervise_every = min(0.005, timeout / 10)
-        self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._queue: collections.deque[_Call] = collections.deque()
-        self._active = 0
+        self._active = 0  # drainer jobs queued or running (<= max_workers)
+        self._workers = 0  # live worker threads, written-off ones excluded
+        self._jobs: queue.SimpleQueue[asyncio.AbstractEventLoop | None] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)  # one token per worker waiting for a job
         self._closed = False
+        self._warnings = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._batch: _Batch | None = None
         self._supervising = False
@@ -207,11 +254,12 @@ class _RewardRunner:
         return call.future
 
     def close(self) -> None:
-        self._closed = True
-        if self._pool is not None:
-            # A hung reward thread cannot be killed; do not wait for it.
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        """Let idle and busy workers exit; written-off threads exit when their call returns."""
+        with self._lock:
+            self._closed = True
+            workers = self._workers
+        for _ in range(workers):
+            self._jobs.put(None)
 
     # -- loop side -------------------------------------------------------------------------
 
@@ -224,6 +272,9 @@ class _RewardRunner:
         batch.timer = loop.call_later(self.timeout, self._expire, batch)
         with self._lock:
             self._queue.extend(batch.calls)
+        self._kick(loop)
+
+    def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
         self._spawn()
         if not self._supervising:
             self._supervising = True
@@ -234,9 +285,13 @@ class _RewardRunner:
             if self._closed or not self._queue or self._active >= self.max_workers:
                 return
             self._active += 1
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix="rllm-reward")
-        self._pool.submit(self._drain, self._loop)
+            # An idle worker takes the job, else a new thread (busy workers take it when they are done).
+            new_thread = not self._idle.acquire(blocking=False) and self._workers < self.max_workers
+            if new_thread:
+                self._workers += 1
+        self._jobs.put(self._loop)
+        if new_thread:
+            threading.Thread(target=self._work, name="rllm-reward", daemon=True).start()
 
     def _supervise(self, loop: asyncio.AbstractEventLoop) -> None:
         if loop is not self._loop:
@@ -269,27 +324,86 @@ class _RewardRunner:
             self._resolve(call)
 
     def _expire(self, batch: _Batch) -> None:
+        written_off = 0
+        with self._lock:
+            for call in batch.calls:
+                if call.future.done() or call.finished:
+                    continue
+                call.expired = True
+                if call.started and self.stuck < self.max_stuck:
+                    call.written_off = True
+                    self.stuck += 1
+                    self._active -= 1
+                    self._workers -= 1
+                    written_off += 1
+        name = getattr(self.fn, "__qualname__", repr(self.fn))
         for call in batch.calls:
             if call.future.done():
                 continue
             if call.finished:  # done in its thread, not yet handed over
                 self._resolve(call)
+            elif call.started:
+                call.future.set_exception(
+                    asyncio.TimeoutError(f"reward function {name} exceeded reward.timeout={self.timeout}s")
+                )
             else:
-                call.expired = True
-                call.future.set_exception(asyncio.TimeoutError())
+                call.future.set_exception(
+                    asyncio.TimeoutError(
+                        f"reward call never ran: no reward worker was free within reward.timeout={self.timeout}s "
+                        f"({self.stuck} worker threads are stuck in calls that timed out)"
+                    )
+                )
+        if written_off:
+            # Once when it first happens, once more if the cap is reached.
+            if self._warnings == 0 or (self._warnings == 1 and self.stuck >= self.max_stuck):
+                self._warnings += 1
+                warnings.warn(
+                    f"reward function {name} is still running after reward.timeout={self.timeout}s; Python cannot "
+                    f"stop a thread, so it is left to finish and another takes its place ({self.stuck} stuck; "
+                    f"past {self.max_stuck}, none is replaced). A reward that can hang should limit its own work, "
+                    "e.g. run it in a subprocess with a timeout",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            if self._loop is not None:
+                self._kick(self._loop)
 
     # -- worker side -----------------------------------------------------------------------
 
-    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _work(self) -> None:
+        while True:
+            try:
+                loop = self._jobs.get(timeout=self._idle_exit)
+            except queue.Empty:
+                with self._lock:
+                    # Taking back this thread's idle token fails only when a drainer job was just
+                    # assigned to it: then stay for that job.
+                    if self._idle.acquire(blocking=False):
+                        self._workers -= 1
+                        return
+                continue
+            if loop is None or not self._drain(loop):
+                return
+            self._idle.release()
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Run queued calls until none is left; False when this thread was written off."""
         fn = self.fn
         done: list[_Call] = []
         last_post = time.perf_counter()
+        call: _Call | None = None
         while True:
             with self._lock:
+                if call is not None and call.written_off:
+                    self.stuck -= 1
+                    kept = False
+                    break
                 if not self._queue or self._closed:
                     self._active -= 1
+                    kept = True
                     break
                 call = self._queue.popleft()
+                call.started = True
             if call.expired:
                 continue
             try:
@@ -306,6 +420,7 @@ class _RewardRunner:
                 done, last_post = [], now
         if done:
             self._post(loop, done)
+        return kept
 
     def _post(self, loop: asyncio.AbstractEventLoop, calls: list[_Call]) -> None:
         try:
@@ -399,6 +514,10 @@ class WorkflowEngine:
         episode.rollout_idx = rollout_idx
         if attempt:
             episode.info["attempts"] = attempt + 1
+        if episode.termination_reason in _OPEN_ENDINGS and _cut_by_length(episode):
+            # The answer ran into max_tokens: that is what ``mask_termination_reasons:
+            # [max_response_length]`` (overlong masking) keys on.
+            episode.termination_reason = TerminationReason.MAX_RESPONSE_LENGTH
         if episode.termination_reason not in (TerminationReason.ERROR, TerminationReason.TIMEOUT):
             await self._apply_reward(task, episode)
         return episode
@@ -411,6 +530,9 @@ class WorkflowEngine:
 
     def pop_counters(self) -> dict[str, float]:
         counters, self.counters = self.counters, {}
+        if self._rewards is not None and self._rewards.stuck:
+            # Not an event count: how many reward threads are still inside calls that timed out.
+            counters["reward/stuck_threads"] = float(self._rewards.stuck)
         return counters
 
     def close(self) -> None:
@@ -508,11 +630,21 @@ class WorkflowEngine:
         """A reward call that raised or timed out scores 0 and is counted."""
         if isinstance(exc, asyncio.TimeoutError):
             self._count("reward/timeouts")
-            episode.info["reward_error"] = f"reward function exceeded reward.timeout={self.config.reward.timeout}s"
+            episode.info["reward_error"] = (
+                str(exc) or f"reward function exceeded reward.timeout={self.config.reward.timeout}s"
+            )
         else:
             self._count("reward/errors")
             episode.info["reward_error"] = _error_text(exc)
         return 0.0, False
+
+
+_OPEN_ENDINGS = (TerminationReason.UNKNOWN, TerminationReason.ENV_DONE)
+
+
+def _cut_by_length(episode: Episode) -> bool:
+    """True when the last step of some trajectory stopped at the token limit (``finish_reason: length``)."""
+    return any(t.steps and t.steps[-1].finish_reason == "length" for t in episode.trajectories)
 
 
 def _reward_value(out: Any) -> tuple[float, bool]:

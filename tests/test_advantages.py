@@ -74,10 +74,20 @@ GROUP_IDS = np.array([0, 0, 0, 1, 1])
 # Estimators on arrays
 
 
-def test_grpo_hand_computed_with_std():
+def test_grpo_hand_computed_with_unbiased_std():
+    # A = [1, 2, 3]: sample std 1; B = [0, 4]: sample std sqrt(8)
+    expected = [-1.0, 0.0, 1.0, -2 / math.sqrt(8), 2 / math.sqrt(8)]
+    np.testing.assert_allclose(grpo(REWARDS, GROUP_IDS, 2, norm_adv_by_std=True, eps=0.0), expected)
+
+
+def test_grpo_population_std_is_selectable_and_larger_by_sqrt_n_over_n_minus_1():
     std_a = math.sqrt(2 / 3)
     expected = [-1 / std_a, 0.0, 1 / std_a, -1.0, 1.0]
-    np.testing.assert_allclose(grpo(REWARDS, GROUP_IDS, 2, norm_adv_by_std=True, eps=0.0), expected)
+    out = grpo(REWARDS, GROUP_IDS, 2, norm_adv_by_std=True, eps=0.0, std_ddof=0)
+    np.testing.assert_allclose(out, expected)
+    unbiased = grpo(REWARDS, GROUP_IDS, 2, norm_adv_by_std=True, eps=0.0)
+    np.testing.assert_allclose(out[:3], unbiased[:3] * math.sqrt(3 / 2))  # n = 3
+    np.testing.assert_allclose(out[3:], unbiased[3:] * math.sqrt(2 / 1))  # n = 2
 
 
 def test_grpo_without_std_is_mean_centred():
@@ -87,7 +97,7 @@ def test_grpo_without_std_is_mean_centred():
 
 def test_grpo_eps_is_added_to_std():
     out = grpo(np.array([0.0, 2.0]), np.array([0, 0]), 1, norm_adv_by_std=True, eps=1.0)
-    np.testing.assert_allclose(out, [-0.5, 0.5])  # std 1, plus eps 1
+    np.testing.assert_allclose(out, [-1 / (math.sqrt(2) + 1), 1 / (math.sqrt(2) + 1)])  # std sqrt(2), plus eps 1
 
 
 def test_drgrpo_ignores_norm_flag():
@@ -115,22 +125,96 @@ def test_reinforce_is_raw_reward_and_a_copy():
     assert rewards[0] == 1.0
 
 
-def test_reinforce_plus_plus_baseline_uses_batch_std():
-    # centred: [-1, 0, 1, -2, 2]; batch std = sqrt(10/5)
-    s = math.sqrt(2.0)
+def test_reinforce_plus_plus_baseline_whitens_over_tokens():
+    # centred: [-1, 0, 1, -2, 2]; with 1, 1, 1, 3, 1 tokens the token values are
+    # [-1, 0, 1, -2, -2, -2, 2]: mean -4/7, unbiased variance over 7 tokens
+    tokens = np.array([-1.0, 0.0, 1.0, -2.0, -2.0, -2.0, 2.0])
+    mu, var = tokens.mean(), tokens.var(ddof=1)
+    centred = np.array([-1.0, 0.0, 1.0, -2.0, 2.0])
+    out = reinforce_plus_plus_baseline(
+        REWARDS, GROUP_IDS, 2, norm_adv_by_std=True, eps=0.0, token_counts=np.array([1, 1, 1, 3, 1])
+    )
+    np.testing.assert_allclose(out, (centred - mu) / np.sqrt(var + 1e-8))
+
+
+def test_reinforce_plus_plus_baseline_without_token_counts_whitens_trajectories():
+    centred = np.array([-1.0, 0.0, 1.0, -2.0, 2.0])
     out = reinforce_plus_plus_baseline(REWARDS, GROUP_IDS, 2, norm_adv_by_std=True, eps=0.0)
-    np.testing.assert_allclose(out, [-1 / s, 0.0, 1 / s, -2 / s, 2 / s])
+    np.testing.assert_allclose(out, centred / np.sqrt(centred.var(ddof=1) + 1e-8))
 
 
 def test_group_of_one_gets_its_raw_reward_except_rloo():
     rewards, ids = np.array([7.0, -2.0, 1.0, 3.0]), np.array([0, 1, 2, 2])
-    np.testing.assert_allclose(grpo(rewards, ids, 3, norm_adv_by_std=True, eps=0.0), [7.0, -2.0, -1.0, 1.0])
+    h = 1 / math.sqrt(2)  # the group [1, 3]: centred +-1 over the unbiased std sqrt(2)
+    np.testing.assert_allclose(grpo(rewards, ids, 3, norm_adv_by_std=True, eps=0.0), [7.0, -2.0, -h, h])
     np.testing.assert_allclose(drgrpo(rewards, ids, 3, eps=0.0), [7.0, -2.0, -1.0, 1.0])
     np.testing.assert_allclose(rloo(rewards, ids, 3, eps=0.0), [0.0, 0.0, -2.0, 2.0])
-    # batch std of the centred values [7, -2, -1, 1] is sqrt(55/4 - (5/4)**2)
+    # whitened over the batch: centred [7, -2, -1, 1], their mean subtracted, unbiased std
     centred = np.array([7.0, -2.0, -1.0, 1.0])
     out = reinforce_plus_plus_baseline(rewards, ids, 3, eps=0.0)
-    np.testing.assert_allclose(out, centred / centred.std())
+    np.testing.assert_allclose(out, (centred - centred.mean()) / np.sqrt(centred.var(ddof=1) + 1e-8))
+
+
+# Reference implementations written from the definitions, group by group, with no helper of the
+# code under test: the vectorised estimators must agree with them on any input.
+
+
+def reference_grpo(groups, norm, ddof):
+    out = []
+    for g in groups:
+        g = np.array(g)
+        if len(g) == 1:
+            out.extend(g / (1 + 1e-6) if norm else g)  # nothing to compare with: mean 0, std 1
+            continue
+        centred = g - g.mean()
+        out.extend(centred / (g.std(ddof=ddof) + 1e-6) if norm else centred)
+    return np.array(out)
+
+
+def reference_rloo(groups):
+    out = []
+    for g in groups:
+        for i, r in enumerate(g):
+            others = g[:i] + g[i + 1 :]
+            out.append(r - sum(others) / len(others) if others else 0.0)
+    return np.array(out)
+
+
+def reference_rpp(groups, counts):
+    centred = []
+    for g in groups:
+        g = np.array(g)
+        centred.extend(g - g.mean() if len(g) > 1 else g)
+    centred = np.array(centred)
+    tokens = np.repeat(centred, counts)  # each trajectory's value on each of its tokens
+    return (centred - tokens.mean()) / np.sqrt(tokens.var(ddof=1) + 1e-8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    groups=st.lists(st.lists(st.integers(-5, 5).map(float), min_size=1, max_size=6), min_size=1, max_size=6),
+    norm=st.booleans(),
+    ddof=st.sampled_from([0, 1]),
+    data=st.data(),
+)
+def test_estimators_match_independent_references(groups, norm, ddof, data):
+    rewards, ids = flatten(groups)
+    n = len(groups)
+    np.testing.assert_allclose(
+        grpo(rewards, ids, n, norm_adv_by_std=norm, eps=1e-6, std_ddof=ddof),
+        reference_grpo(groups, norm, ddof),
+        atol=1e-9,
+    )
+    np.testing.assert_allclose(drgrpo(rewards, ids, n), reference_grpo(groups, False, ddof), atol=1e-9)
+    np.testing.assert_allclose(rloo(rewards, ids, n), reference_rloo(groups), atol=1e-9)
+    np.testing.assert_allclose(reinforce(rewards, ids, n), rewards)
+    counts = np.array(data.draw(st.lists(st.integers(1, 4), min_size=len(rewards), max_size=len(rewards))))
+    if counts.sum() > 1:
+        np.testing.assert_allclose(
+            reinforce_plus_plus_baseline(rewards, ids, n, token_counts=counts),
+            reference_rpp(groups, counts),
+            atol=1e-6,
+        )
 
 
 groups_strategy = st.lists(
@@ -193,14 +277,27 @@ def test_broadcast_puts_trajectory_advantage_on_every_step():
     assert all(type(a) is float for traj in step_advantages(episodes) for a in traj)
 
 
-def test_norm_adv_by_std_switch():
-    # rewards [0, 4]: centred [-2, 2], std 2
-    on = task_episodes("a", [0.0, 4.0])
-    off = task_episodes("a", [0.0, 4.0])
+def test_norm_adv_by_std_and_std_unbiased_switches():
+    # rewards [0, 4]: centred [-2, 2], unbiased std sqrt(8), population std 2
+    on, off, population = (task_episodes("a", [0.0, 4.0]) for _ in range(3))
     compute_advantages(group_episodes(on), AlgorithmConfig(norm_adv_by_std=True))
     compute_advantages(group_episodes(off), AlgorithmConfig(norm_adv_by_std=False))
-    assert step_advantages(on)[1][0] == pytest.approx(1.0, abs=1e-5)
+    compute_advantages(group_episodes(population), AlgorithmConfig(std_unbiased=False))
+    assert step_advantages(on)[1][0] == pytest.approx(2 / math.sqrt(8), abs=1e-5)
     assert step_advantages(off)[1][0] == pytest.approx(2.0)
+    assert step_advantages(population)[1][0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_reinforce_plus_plus_baseline_stage_weights_trajectories_by_their_tokens():
+    # the stage passes each trajectory's response-token count: 2 steps x 1 token vs 2 steps x 3 tokens
+    short = make_episode("a", 0, 1.0, n_steps=2, n_tokens=1)
+    long = make_episode("a", 1, 0.0, n_steps=2, n_tokens=3)
+    other = task_episodes("b", [0.0, 2.0], n_steps=2, n_tokens=1)
+    episodes = [short, long, *other]
+    compute_advantages(group_episodes(episodes), AlgorithmConfig(adv_estimator="reinforce_plus_plus_baseline"))
+    tokens = np.repeat([0.5, -0.5, -1.0, 1.0], [2, 6, 2, 2])
+    expected = (np.array([0.5, -0.5, -1.0, 1.0]) - tokens.mean()) / np.sqrt(tokens.var(ddof=1) + 1e-8)
+    np.testing.assert_allclose([traj[0] for traj in step_advantages(episodes)], expected)
 
 
 def test_trajectory_reward_none_uses_sum_of_step_rewards():

@@ -222,7 +222,8 @@ def test_mixed_run_keeps_opsd_lists_and_gives_the_other_role_grpo():
     by_role = {g.role: g for g in groups}
     assert [t.steps[0].advantage for t in by_role["solver"].trajectories] == [[1.0, 0.5], [1.0, 0.5]]
     judge_adv = [t.steps[0].advantage for t in by_role["judge"].trajectories]
-    assert judge_adv[0] == pytest.approx(1.0, abs=1e-4) and judge_adv[1] == pytest.approx(-1.0, abs=1e-4)
+    # GRPO on [1, 0]: centred +-0.5 over the unbiased std sqrt(1/2)
+    assert judge_adv[0] == pytest.approx(0.5**0.5, abs=1e-4) and judge_adv[1] == pytest.approx(-(0.5**0.5), abs=1e-4)
 
 
 # -- end to end on the local torch backend -------------------------------------------------------

@@ -8,11 +8,12 @@ logits ``theta[prompt]``, one logit per answer in ``example.answers``; a respons
 index of an answer, sampled from ``softmax(theta[prompt] / temperature)``. Reported logprobs are
 those of the untempered policy (what the loss differentiates). Unseen prompts start uniform.
 
-What training reduces to, per step (``update_policy``), over every response token ``a`` of every
-step with advantage ``A`` (a float, or one per token)::
+What training reduces to, per step (``update_policy``), over every action token ``a`` of the core's
+token rows (``state.rows``), with its advantage ``A`` and aggregation weight ``w``
+(``rows.loss_weights(agg_mode)``: ``1 / tokens`` for ``token-mean``)::
 
-    ratio = pi(a) / pi_old(a)                       # pi_old: the sampling logprob on the step
-    theta[prompt] += lr * mean_tokens( ratio * A * (onehot(a) - softmax(theta[prompt])) )
+    ratio = pi(a) / pi_old(a)                       # pi_old: the sampling logprob in the row
+    theta[prompt] += lr * sum_tokens( w * ratio * A * (onehot(a) - softmax(theta[prompt])) )
 
 which is one gradient-ascent step on the importance-sampled policy-gradient objective
 (``algorithm.loss.name: importance_sampling``); with ``ppo`` a token whose ratio left the clip
@@ -195,45 +196,44 @@ class ExampleBackend(Backend):
             raise ConfigError(f"rollout.train_sampling.temperature: must be a number >= 0, got {temperature!r}")
 
     async def update_policy(self, state: TrainerState) -> None:
+        # Train on the core's token rows (state.rows): never on the steps directly, so masks,
+        # multi-turn merging and the aggregation mode mean what they mean on every backend.
+        rows = state.rows
         loss_cfg = self.config.algorithm.loss
         clip = (1 - loss_cfg.clip_low, 1 + loss_cfg.clip_high) if loss_cfg.name == "ppo" else None
+        weights = rows.loss_weights(loss_cfg.agg_mode, self.config.loss_scale_factor())
         n = len(self.settings.answers)
         grads: Table = {}
         tokens = clipped = 0
         objective = 0.0
-        for group in state.groups:
-            for trajectory in group.trajectories:
-                for step in trajectory.steps:
-                    if step.advantage is None or not step.response_ids:
-                        continue
-                    key = prompt_key(step.prompt_ids)
-                    probs = _softmax(self.logits.get(key) or [0.0] * n)
-                    advs = step.advantage
-                    if not isinstance(advs, list):
-                        advs = [advs] * len(step.response_ids)
-                    old = step.logprobs or [math.log(probs[t]) for t in step.response_ids]
-                    grad = grads.setdefault(key, [0.0] * n)
-                    for token, adv, old_lp in zip(step.response_ids, advs, old, strict=True):
-                        tokens += 1
-                        ratio = probs[token] / math.exp(old_lp)
-                        objective += ratio * adv
-                        if clip is not None and ((adv > 0 and ratio > clip[1]) or (adv < 0 and ratio < clip[0])):
-                            clipped += 1
-                            continue
-                        for i in range(n):
-                            grad[i] += ratio * adv * ((i == token) - probs[i])
-        if tokens:
-            scale = self.settings.lr / tokens
-            for key, grad in grads.items():
-                row = self.logits.setdefault(key, [0.0] * n)
-                for i in range(n):
-                    row[i] += scale * grad[i]
+        for k in range(len(rows.steps)):
+            prompt, response, sampled = rows.step_tokens(k)
+            base = int(rows.offsets[rows.step_row[k]] + rows.step_start[k])
+            key = prompt_key(prompt)
+            probs = _softmax(self.logits.get(key) or [0.0] * n)
+            grad = grads.setdefault(key, [0.0] * n)
+            for i, token in enumerate(response):
+                adv, w, old_lp = float(rows.advantages[base + i]), float(weights[base + i]), float(sampled[i])
+                if math.isnan(old_lp):  # the engine gave no logprob: the current policy's
+                    old_lp = math.log(probs[token])
+                tokens += 1
+                ratio = probs[token] / math.exp(old_lp)
+                objective += w * ratio * adv
+                if clip is not None and ((adv > 0 and ratio > clip[1]) or (adv < 0 and ratio < clip[0])):
+                    clipped += 1
+                    continue
+                for j in range(n):
+                    grad[j] += w * ratio * adv * ((j == token) - probs[j])
+        for key, grad in grads.items():
+            row = self.logits.setdefault(key, [0.0] * n)
+            for j in range(n):
+                row[j] += self.settings.lr * grad[j]
         self.updates += 1
-        norm = math.sqrt(sum(g * g for grad in grads.values() for g in grad)) / max(tokens, 1)
+        norm = math.sqrt(sum(g * g for grad in grads.values() for g in grad))
         state.metrics.update(
             {
                 "example/tokens": float(tokens),
-                "example/objective": objective / max(tokens, 1),
+                "example/objective": objective,
                 "example/grad_norm": norm,
                 "example/clip_fraction": clipped / max(tokens, 1),
             }

@@ -16,6 +16,7 @@ from rllm_example_backend.tasks import answer_workflow, exact_match, make_tasks
 from rllm_core.config import ConfigError, load_config, validate_plugin_sections
 from rllm_core.grouping import group_episodes
 from rllm_core.protocol import TrainerState
+from rllm_core.rows import build_rows
 from rllm_core.types import Step, Trajectory, TrajectoryGroup
 from rllm_core.workflows import WorkflowEngine
 
@@ -46,6 +47,13 @@ def one_step_group(engine, token: int, advantage, logprob=None) -> TrajectoryGro
     return TrajectoryGroup(task_id="t", role="solver", trajectories=[Trajectory(steps=[step])])
 
 
+def state_for(groups: list[TrajectoryGroup]) -> TrainerState:
+    """The state ``update_policy`` gets from the trainer: the groups as token rows, advantages filled."""
+    rows = build_rows(groups)
+    rows.fill_advantages()
+    return TrainerState(groups=groups, rows=rows)
+
+
 def test_sampled_logprobs_equal_compute_logprobs():
     backend, engine = make_backend()
     backend.logits[prompt_key(run(engine.encode_messages(MESSAGES)))] = [0.5, -1.0, 2.0]
@@ -69,7 +77,7 @@ def test_greedy_sampling_picks_the_top_answer():
 
 def test_update_follows_the_policy_gradient_formula():
     backend, engine = make_backend(lr=0.5)
-    state = TrainerState(groups=[one_step_group(engine, token=2, advantage=1.5)])
+    state = state_for([one_step_group(engine, token=2, advantage=1.5)])
     run(backend.update_policy(state))
     row = backend.logits[prompt_key(state.groups[0].trajectories[0].steps[0].prompt_ids)]
     # uniform start: grad = A * (onehot(2) - 1/3), ratio 1
@@ -78,7 +86,7 @@ def test_update_follows_the_policy_gradient_formula():
 
 def test_negative_advantage_lowers_the_token_probability():
     backend, engine = make_backend()
-    state = TrainerState(groups=[one_step_group(engine, token=0, advantage=-1.0)])
+    state = state_for([one_step_group(engine, token=0, advantage=-1.0)])
     run(backend.update_policy(state))
     run(backend.on_policy_updated(state, 1))
     lp = run(engine.compute_logprobs(run(engine.encode_messages(MESSAGES)), [0]))[0]
@@ -88,15 +96,15 @@ def test_negative_advantage_lowers_the_token_probability():
 def test_per_token_list_advantage_acts_like_the_same_scalar():
     b1, e1 = make_backend()
     b2, e2 = make_backend()
-    run(b1.update_policy(TrainerState(groups=[one_step_group(e1, 1, 0.7)])))
-    run(b2.update_policy(TrainerState(groups=[one_step_group(e2, 1, [0.7])])))
+    run(b1.update_policy(state_for([one_step_group(e1, 1, 0.7)])))
+    run(b2.update_policy(state_for([one_step_group(e2, 1, [0.7])])))
     assert b1.logits == b2.logits
 
 
 def test_importance_ratio_uses_the_sampling_logprob():
     backend, engine = make_backend(lr=1.0)
     # sampled when the token had probability 0.5; now it has 1/3: ratio 2/3
-    state = TrainerState(groups=[one_step_group(engine, token=0, advantage=1.0, logprob=math.log(0.5))])
+    state = state_for([one_step_group(engine, token=0, advantage=1.0, logprob=math.log(0.5))])
     run(backend.update_policy(state))
     row = next(iter(backend.logits.values()))
     assert row[0] == pytest.approx((2 / 3) * (2 / 3))
@@ -106,7 +114,7 @@ def test_ppo_clip_drops_tokens_outside_the_range():
     backend, engine = make_backend()
     backend.config.algorithm.loss.name = "ppo"
     # ratio (1/3)/0.1 = 3.3 > 1.28 with a positive advantage: clipped, no gradient
-    state = TrainerState(groups=[one_step_group(engine, token=0, advantage=1.0, logprob=math.log(0.1))])
+    state = state_for([one_step_group(engine, token=0, advantage=1.0, logprob=math.log(0.1))])
     run(backend.update_policy(state))
     assert state.metrics["example/clip_fraction"] == 1.0
     assert next(iter(backend.logits.values())) == [0.0, 0.0, 0.0]
@@ -116,7 +124,7 @@ def test_sampler_weights_change_only_on_policy_updated():
     backend, engine = make_backend()
     prompt_ids = run(engine.encode_messages(MESSAGES))
     before = run(engine.compute_logprobs(prompt_ids, [2]))
-    state = TrainerState(groups=[one_step_group(engine, token=2, advantage=1.0)])
+    state = state_for([one_step_group(engine, token=2, advantage=1.0)])
     run(backend.update_policy(state))
     assert run(engine.compute_logprobs(prompt_ids, [2])) == before
     run(backend.on_policy_updated(state, 1))
@@ -128,7 +136,7 @@ def test_sampler_weights_change_only_on_policy_updated():
 def test_reference_stays_initial_until_refreshed():
     backend, engine = make_backend()
     prompt_ids = run(engine.encode_messages(MESSAGES))
-    state = TrainerState(groups=[one_step_group(engine, token=1, advantage=1.0)])
+    state = state_for([one_step_group(engine, token=1, advantage=1.0)])
     run(backend.update_policy(state))
     run(backend.on_policy_updated(state, 1))
     assert run(engine.compute_logprobs(prompt_ids, [1], model="reference"))[0] == pytest.approx(math.log(1 / 3))
@@ -142,7 +150,7 @@ def test_reference_stays_initial_until_refreshed():
 
 def test_checkpoint_round_trip_restores_weights_and_sampler(tmp_path):
     backend, engine = make_backend()
-    state = TrainerState(groups=[one_step_group(engine, token=1, advantage=1.0)])
+    state = state_for([one_step_group(engine, token=1, advantage=1.0)])
     run(backend.update_policy(state))
     run(backend.on_policy_updated(state, 1))
     backend.save_checkpoint(tmp_path / "ckpt")
@@ -208,9 +216,11 @@ def test_backend_stages_learn_the_task():
             state.episodes = await backend.generate_episodes(tasks, workflow_engine)
             rewards.append(sum(e.is_correct for e in state.episodes) / len(state.episodes))
             state.groups = group_episodes(state.episodes)
+            state.rows = build_rows(state.groups)
             state.backend_batch = await backend.transform_to_backend_batch(state)
             await backend.process_backend_batch(state)
             await backend.compute_advantages(state, config.algorithm)
+            state.rows.fill_advantages()
             await backend.update_policy(state)
             await backend.on_policy_updated(state, version)
         return rewards

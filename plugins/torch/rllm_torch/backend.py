@@ -1,10 +1,12 @@
 """``TorchBackend``: the local backend (transformers + torch in one process, CPU or one GPU).
 
-What one training step reduces to::
+What one training step reduces to, on the core's token rows (:mod:`rllm_core.rows`)::
 
-    rows  = every (prompt_ids, response_ids) step of every kept group
-    old   = the sampler's logprobs of the response tokens (recomputed when missing)
-    loss  = sum_t w_t * policy_loss(logp_t, old_t, A_t)      (losses.py: weights = agg mode)
+    row       = prompt (before the first action token) + the rest (actions, and observations between them)
+    logp      = log softmax(logits / T)[token] on the action tokens (T: the training temperature)
+    old       = the sampler's logprobs (or recomputed: algorithm.loss.old_logprobs)
+    loss      = sum_t w_t * policy_loss(logp_t, old_t, A_t) [+ KL] [- entropy bonus]
+                (losses.py; w_t: the core's aggregation weights, 0 off the loss mask)
     AdamW step on the policy (grad clipped), lr from the schedule
 
 Sync mode shares one model between sampler and trainer. Async mode (or ``separate_sampler``)
@@ -29,17 +31,19 @@ import os
 import random
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rllm_core.config import ConfigError, RLLMConfig
 from rllm_core.protocol import Backend, TrainerState
 from rllm_torch.config import TorchBackendConfig
 from rllm_torch.engine import SamplerRuntime, TorchRolloutEngine, _copy_weights
-from rllm_torch.losses import LOSSES, policy_loss, token_weights
+from rllm_torch.losses import LOSSES, kl_penalty, policy_loss
 from rllm_torch.model import load_model_and_tokenizer, rebuild_from_checkpoint, write_meta
 from rllm_torch.sampling import response_logits, score, token_logprobs
 
@@ -48,14 +52,20 @@ __all__ = ["TorchBackend", "TrainBatch"]
 
 @dataclass
 class TrainBatch:
-    """Rows to train on; ``steps`` keep the link to the ``Step`` objects (advantages arrive later)."""
+    """The token rows as the trainer feeds them: each row split into prompt and the rest.
+
+    Per row, aligned with ``responses[i]`` (the rest of the row): the loss mask, the old logprobs,
+    the aggregation weights and (after the advantage stage) the advantages, all float arrays.
+    """
 
     prompts: list[list[int]] = field(default_factory=list)
     responses: list[list[int]] = field(default_factory=list)
-    old_logprobs: list[list[float] | None] = field(default_factory=list)
-    ref_logprobs: list[list[float]] | None = None
-    steps: list[Any] = field(default_factory=list)
-    skipped: int = 0
+    masks: list[np.ndarray] = field(default_factory=list)
+    old_logprobs: list[np.ndarray] = field(default_factory=list)
+    sampler_logprobs: list[np.ndarray] = field(default_factory=list)
+    weights: list[np.ndarray] = field(default_factory=list)
+    advantages: list[np.ndarray] = field(default_factory=list)
+    ref_logprobs: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -84,6 +94,10 @@ class TorchBackend(Backend):
         torch.manual_seed(self.seed)
         random.seed(self.seed)
 
+        temperature = config.rollout.train_sampling.get("temperature", 1.0)
+        # Logprobs are those of softmax(logits / T) for the training temperature T, in the sampler and
+        # here alike (verl does the same); greedy (T = 0) rows are scored at T = 1.
+        self.temperature = float(temperature) if isinstance(temperature, int | float) and temperature > 0 else 1.0
         self.policy, self.tokenizer = load_model_and_tokenizer(cfg, self.seed)
         self.policy.eval()  # dropout off: the sampler's and the trainer's logprobs must agree
         self.device = next(self.policy.parameters()).device
@@ -128,6 +142,23 @@ class TorchBackend(Backend):
         loss = config.algorithm.loss
         if loss.name not in LOSSES:
             raise ConfigError(f"algorithm.loss.name: the torch backend supports {', '.join(LOSSES)}; got {loss.name!r}")
+        sampling = config.rollout.train_sampling
+        if (sampling.get("top_p") or 1.0) < 1.0 or (sampling.get("top_k") or 0) > 0:
+            warnings.warn(
+                "rollout.train_sampling: top_p < 1 or top_k > 0 samples from a truncated distribution, but "
+                "logprobs (sampler and trainer) are those of the full tempered one: the importance ratio "
+                "reads 1 while tokens outside the truncation had probability 0, a small bias in the gradient",
+                UserWarning,
+                stacklevel=2,
+            )
+        if config.trainer.mode == "async" and loss.old_logprobs == "recompute" and loss.tis_cap is None:
+            warnings.warn(
+                "algorithm.loss.old_logprobs: recompute in async mode divides by the current weights' "
+                "logprobs, which erases the staleness correction; set algorithm.loss.tis_cap (e.g. 2.0) to "
+                "weight each token by min(pi_current / pi_sampler, tis_cap), or use old_logprobs: sampler",
+                UserWarning,
+                stacklevel=2,
+            )
         if config.algorithm.optim.schedule != "constant" and not config.trainer.total_steps:
             raise ConfigError(
                 f"algorithm.optim.schedule: {config.algorithm.optim.schedule!r} decays to 0 over "
@@ -147,21 +178,27 @@ class TorchBackend(Backend):
     # -- stages ---------------------------------------------------------------------------------
 
     async def transform_to_backend_batch(self, state: TrainerState) -> TrainBatch:
+        rows = state.rows
+        if rows is None:
+            from rllm_core.rows import build_rows
+
+            rows = state.rows = build_rows(state.groups)
         batch = TrainBatch()
-        for group in state.groups:
-            for traj in group.trajectories:
-                for step in traj.steps:
-                    if not step.response_ids or not step.prompt_ids:
-                        batch.skipped += 1
-                        continue
-                    if not all(isinstance(t, int) for t in step.prompt_ids):
-                        raise TypeError("the torch backend trains on text only: Step.prompt_ids must be ints")
-                    batch.prompts.append(list(step.prompt_ids))
-                    batch.responses.append(list(step.response_ids))
-                    batch.old_logprobs.append(list(step.logprobs) if step.logprobs else None)
-                    batch.steps.append(step)
+        recompute = self.config.algorithm.loss.old_logprobs == "recompute"
+        offsets = rows.offsets.tolist()
+        for r, tokens in enumerate(rows.tokens):
+            if not all(type(t) is int for t in tokens):
+                raise TypeError("the torch backend trains on text only: Step.prompt_ids must be ints")
+            cut = int(rows.prompt_lens[r])
+            a, b = offsets[r] + cut, offsets[r + 1]
+            batch.prompts.append(tokens[:cut])
+            batch.responses.append(tokens[cut:])
+            mask = rows.loss_mask[a:b].astype(np.float32)
+            batch.masks.append(mask)
+            sampler = rows.logprobs[a:b].astype(np.float32)
+            batch.sampler_logprobs.append(sampler)
+            batch.old_logprobs.append(np.full_like(sampler, np.nan) if recompute else sampler)
         state.backend_batch = batch
-        state.metrics["actor/skipped_steps"] = float(batch.skipped)
         return batch
 
     async def process_backend_batch(self, state: TrainerState) -> None:
@@ -172,21 +209,29 @@ class TorchBackend(Backend):
         await loop.run_in_executor(self._train_executor, self._fill_logprobs, batch)
 
     def _fill_logprobs(self, batch: TrainBatch) -> None:
+        """Old logprobs where unknown (or all of them with ``old_logprobs: recompute``), and reference ones."""
         share = self._share_prompts
         with self._train_lock:
-            need = [i for i, lp in enumerate(batch.old_logprobs) if lp is None or self.cfg.recompute_old_logprobs]
+            need = [i for i, (lp, m) in enumerate(zip(batch.old_logprobs, batch.masks, strict=True)) if _unknown(lp, m)]
             for idx in self._chunks(need, batch):
                 rows = [(batch.prompts[i], batch.responses[i]) for i in idx]
-                for i, lp in zip(idx, score(self.policy, rows, pad_id=self._pad, share_prompts=share), strict=True):
-                    batch.old_logprobs[i] = lp
+                lps = score(self.policy, rows, pad_id=self._pad, share_prompts=share, temperature=self.temperature)
+                for i, lp in zip(idx, lps, strict=True):
+                    batch.old_logprobs[i] = np.asarray(lp, dtype=np.float32) * batch.masks[i]
             if self.config.algorithm.loss.kl_coef > 0 and self.runtime.reference is not None:
-                batch.ref_logprobs = [[] for _ in range(len(batch))]
+                batch.ref_logprobs = [np.zeros(0, dtype=np.float32)] * len(batch)
                 for idx in self._chunks(list(range(len(batch))), batch):
                     rows = [(batch.prompts[i], batch.responses[i]) for i in idx]
                     with self.runtime.lock:
-                        lps = score(self.runtime.reference, rows, pad_id=self._pad, share_prompts=share)
+                        lps = score(
+                            self.runtime.reference,
+                            rows,
+                            pad_id=self._pad,
+                            share_prompts=share,
+                            temperature=self.temperature,
+                        )
                     for i, lp in zip(idx, lps, strict=True):
-                        batch.ref_logprobs[i] = lp
+                        batch.ref_logprobs[i] = np.asarray(lp, dtype=np.float32)
 
     @property
     def _pad(self) -> int:
@@ -244,55 +289,65 @@ class TorchBackend(Backend):
         if not len(batch):
             state.metrics["actor/num_seqs"] = 0.0
             return
-        if any(lp is None for lp in batch.old_logprobs):
+        if any(_unknown(lp, m) for lp, m in zip(batch.old_logprobs, batch.masks, strict=True)):
             await self.process_backend_batch(state)
-        advantages = [_advantage_list(s, len(r)) for s, r in zip(batch.steps, batch.responses, strict=False)]
+        rows = state.rows
+        loss_cfg = self.config.algorithm.loss
+        weights = rows.loss_weights(loss_cfg.agg_mode, self.config.loss_scale_factor())
+        offsets = rows.offsets.tolist()
+        batch.weights, batch.advantages = [], []
+        for r in range(len(batch)):
+            a, b = offsets[r] + int(rows.prompt_lens[r]), offsets[r + 1]
+            batch.weights.append(weights[a:b].astype(np.float32))
+            batch.advantages.append(rows.advantages[a:b].astype(np.float32))
         loop = asyncio.get_running_loop()
-        metrics = await loop.run_in_executor(self._train_executor, self._train_step, batch, advantages)
+        metrics = await loop.run_in_executor(self._train_executor, self._train_step, batch)
         state.metrics.update(metrics)
 
-    def _train_step(self, batch: TrainBatch, advantages: list[list[float]]) -> dict[str, float]:
+    def _train_step(self, batch: TrainBatch) -> dict[str, float]:
         loss_cfg = self.config.algorithm.loss
         start = time.perf_counter()
         share = self._share_prompts
         lock = self.runtime.lock if not self.separate_sampler else _NULL_LOCK
-        rows = list(range(len(batch)))
+        temperature = self.temperature
+        tis = loss_cfg.tis_cap if loss_cfg.old_logprobs == "recompute" else None
+        kl_on = loss_cfg.kl_coef > 0 and batch.ref_logprobs is not None
+        rows = [i for i in range(len(batch)) if batch.masks[i].any()]
         # A row whose every advantage is 0 adds exactly 0 to the gradient of both losses; it only
         # matters through the entropy bonus or the KL term. Its weight stays in the aggregation.
-        only_pg = self.cfg.entropy_coef == 0 and not (loss_cfg.kl_coef > 0 and batch.ref_logprobs is not None)
-        if self.cfg.skip_zero_advantage and only_pg:
-            rows = [i for i in rows if any(a != 0.0 for a in advantages[i])]
+        if self.cfg.skip_zero_advantage and self.cfg.entropy_coef == 0 and not kl_on:
+            rows = [i for i in rows if batch.advantages[i].any()]
         with self._train_lock, lock:
             self.policy.train()
             self.optimizer.zero_grad(set_to_none=True)
-            weights = token_weights([len(r) for r in batch.responses], loss_cfg.agg_mode)
-            offsets = [0]
-            for r in batch.responses:
-                offsets.append(offsets[-1] + len(r))
             sums: dict[str, float] = {}
             n_tokens = 0
             fed = fed_real = 0
             for idx in self._chunks(rows, batch):
 
-                def flat(values: list[list[float]], idx: list[int] = idx) -> torch.Tensor:
-                    return torch.tensor([v for i in idx for v in values[i]], dtype=torch.float32, device=self.device)
+                def flat(values: list[np.ndarray], idx: list[int] = idx) -> torch.Tensor:
+                    return torch.from_numpy(np.concatenate([values[i] for i in idx])).to(self.device)
 
-                old = flat(batch.old_logprobs)  # type: ignore[arg-type]
-                adv = flat(advantages)
-                ref = flat(batch.ref_logprobs) if batch.ref_logprobs is not None else None
-                w = torch.cat([weights[offsets[i] : offsets[i + 1]] for i in idx]).to(self.device)
-
+                on = flat(batch.masks) > 0  # the loss mask: only sampled action tokens
+                old, adv, w = flat(batch.old_logprobs)[on], flat(batch.advantages)[on], flat(batch.weights)[on]
                 sel, targets = response_logits(
                     self.policy,
                     [(batch.prompts[i], batch.responses[i]) for i in idx],
                     pad_id=self._pad,
                     share_prompts=share,
                 )
+                sel, targets = sel[on], targets[on]
+                if temperature != 1.0:
+                    sel = sel.float() / temperature
                 padded, real = _forward_tokens(
                     [batch.prompts[i] for i in idx], [batch.responses[i] for i in idx], share
                 )
                 fed, fed_real = fed + padded, fed_real + real
                 logp = token_logprobs(sel, targets)
+                tis_weight = None
+                if tis is not None:
+                    behaviour = flat(batch.sampler_logprobs)[on]
+                    tis_weight = torch.clamp(torch.exp(torch.clamp(old - behaviour, max=20.0)), max=tis)
                 loss_t, stats = policy_loss(
                     logp,
                     old,
@@ -300,9 +355,14 @@ class TorchBackend(Backend):
                     name=loss_cfg.name,
                     clip_low=loss_cfg.clip_low,
                     clip_high=loss_cfg.clip_high,
-                    ref_logp=ref,
-                    kl_coef=loss_cfg.kl_coef,
+                    clip_ratio_c=loss_cfg.clip_ratio_c,
+                    max_log_ratio=loss_cfg.max_log_ratio,
+                    tis_weight=tis_weight,
                 )
+                if kl_on:
+                    kl = kl_penalty(logp, flat(batch.ref_logprobs)[on], loss_cfg.kl_estimator, loss_cfg.kl_clamp)
+                    loss_t = loss_t + loss_cfg.kl_coef * kl
+                    stats["kl"] = kl.detach()
                 if self.cfg.entropy_coef > 0:
                     logsm = torch.log_softmax(sel.float(), dim=-1)
                     entropy = -(logsm.exp() * logsm).sum(-1)
@@ -333,10 +393,9 @@ class TorchBackend(Backend):
             self.policy.eval()
         elapsed = time.perf_counter() - start
         real_tokens = sum(len(p) + len(r) for p, r in zip(batch.prompts, batch.responses, strict=True))
-        metrics = {f"actor/{k}": v / max(1, n_tokens) for k, v in sums.items() if k not in ("clipped", "ratio")}
-        metrics["actor/ratio_mean"] = sums.get("ratio", float(n_tokens)) / max(1, n_tokens)
-        if "clipped" in sums:
-            metrics["actor/clip_frac"] = sums["clipped"] / max(1, n_tokens)
+        renamed = {"clipped": "clip_frac", "dual_clipped": "dual_clip_frac", "ratio": "ratio_mean"}
+        metrics = {f"actor/{renamed.get(k, k)}": v / max(1, n_tokens) for k, v in sums.items()}
+        metrics.setdefault("actor/ratio_mean", 1.0)
         metrics.update(
             {
                 "actor/grad_norm": float(grad_norm),
@@ -373,20 +432,25 @@ class TorchBackend(Backend):
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        with self._train_lock, self.runtime.lock:
-            save_model(self.policy, str(path / "model.safetensors"))
+        with self._train_lock:
+            # With its own copy of the weights the sampler keeps generating while this writes; it
+            # is held only for the moment its generator state and version are read.
+            with self.runtime.lock:
+                rng, version = _rng_state(self.runtime.generator), self.runtime.version
+            with self.runtime.lock if not self.separate_sampler else _NULL_LOCK:
+                save_model(self.policy, str(path / "model.safetensors"))
+            # The reference changes only in refresh_reference, which runs inside a training step, and
+            # the trainer never saves during one.
             if self.runtime.reference is not None:
                 save_model(self.runtime.reference, str(path / "reference.safetensors"))
-            torch.save(
-                {
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "updates": self.updates,
-                    "version": self.runtime.version,
-                },
-                path / "optimizer.pt",
-            )
-            torch.save(_rng_state(self.runtime.generator), path / "rng.pt")
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "updates": self.updates,
+                "version": version,
+            }
+            torch.save(state, path / "optimizer.pt")
+            torch.save(rng, path / "rng.pt")
         write_meta(path, self.cfg, self.policy, self.tokenizer, {"updates": self.updates})
 
     def load_checkpoint(self, path: Path) -> None:
@@ -464,18 +528,9 @@ def _forward_tokens(prompts: list[list[int]], responses: list[list[int]], share:
     return n * width, sum(map(len, prompts)) + rest
 
 
-def _advantage_list(step: Any, n: int) -> list[float]:
-    adv = step.advantage
-    if adv is None:
-        return [0.0] * n
-    if isinstance(adv, int | float):
-        return [float(adv)] * n
-    if len(adv) != n:
-        raise ValueError(
-            f"step advantage has {len(adv)} entries but the step has {n} response tokens; "
-            "per-token advantages must match response_ids one to one"
-        )
-    return [float(a) for a in adv]
+def _unknown(logprobs: np.ndarray, mask: np.ndarray) -> bool:
+    """True when some action token of the row has no old logprob yet (NaN)."""
+    return bool(np.isnan(logprobs[mask > 0]).any())
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 
 __all__ = ["LoraSettings", "TinyModelSettings", "TorchBackendConfig", "DEFAULT_TINY_VOCAB"]
 
@@ -45,10 +46,28 @@ class LoraSettings(_Section):
     """Module names to adapt, or ``all-linear``."""
 
 
+def _local_model_dir(value: str | None, info: ValidationInfo) -> str | None:
+    """A set ``model_path`` must be a local Hugging Face model directory: checked with the config, so a
+    wrong path fails before start-up with the field's name. Settings read back from a checkpoint
+    (``context={"check_paths": False}``) skip it: the checkpoint holds the weights, and the original
+    directory may be on another machine."""
+    if value is None or (info.context or {}).get("check_paths") is False:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise ValueError(
+            f"{value} is not a directory; give a local Hugging Face model directory (the torch backend never "
+            "downloads models), or leave model_path unset for the tiny random model"
+        )
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{value} is not a local Hugging Face model directory (no config.json)")
+    return value
+
+
 class TorchBackendConfig(_Section):
     """Settings of the local torch backend (section ``torch:``)."""
 
-    model_path: str | None = None
+    model_path: Annotated[str | None, AfterValidator(_local_model_dir)] = None
     """A local Hugging Face causal-LM directory (weights, tokenizer, chat template). None: build ``tiny``."""
     tiny: TinyModelSettings = Field(default_factory=TinyModelSettings)
     """The tiny random model used when ``model_path`` is not set."""
@@ -85,8 +104,6 @@ class TorchBackendConfig(_Section):
     gc_freeze: bool = True
     """After building the model, ``gc.freeze()`` the objects alive so far (torch, transformers, the
     model), so Python's full garbage collections stop re-walking them every few steps."""
-    recompute_old_logprobs: bool = False
-    """Recompute the behaviour logprobs with the current weights instead of trusting the sampler's."""
     entropy_coef: float = Field(0.0, ge=0)
     """Entropy bonus: subtract ``entropy_coef * entropy`` per token (aggregated like the loss); keeps exploring."""
     gradient_checkpointing: bool = False

@@ -1,49 +1,28 @@
-"""Token-level policy-gradient losses and their aggregation.
+"""Token-level policy-gradient losses (what ``algorithm.loss`` selects) on flat tensors of action tokens.
 
-Every loss here works on flat tensors of response tokens (one entry per trained token):
+With ``logp`` the trainer's logprobs (tempered like the sampler's), ``old`` what the ratio divides
+by (``algorithm.loss.old_logprobs``) and ``A`` the advantage of each token::
 
-* ``importance_sampling``: ``-ratio * A`` with ``ratio = exp(logp - old_logp)``. On-policy
-  (ratio 1) its gradient is plain REINFORCE, ``-A * grad logp``; off-policy it is the
-  importance-weighted estimate (Tinker's ``importance_sampling``).
-* ``ppo``: ``max(-ratio * A, -clip(ratio, 1 - clip_low, 1 + clip_high) * A)`` (clip-higher when
-  ``clip_high > clip_low``).
-* KL to the reference (``kl_coef > 0``): the non-negative ``k3`` estimator
-  ``exp(ref - logp) - (ref - logp) - 1`` added per token with weight ``kl_coef``.
+    log_ratio = clamp(logp - old, -max_log_ratio, max_log_ratio)    # exp never overflows
+    ratio     = exp(log_ratio)
+    importance_sampling:  -ratio * A          (on-policy: the gradient is REINFORCE's, -A grad logp)
+    ppo:                  max(-ratio * A, -clip(ratio, 1 - clip_low, 1 + clip_high) * A)
+    dual clip (A < 0):    min(ppo, -clip_ratio_c * A)                 (when clip_ratio_c is set)
+    truncated IS:         loss *= min(exp(old - sampler_logp), tis_cap)   (detached; recompute mode)
+    KL (kl_coef > 0):     + kl_coef * clamp(k(logp, ref), -kl_clamp, kl_clamp)
+                          k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1 with d = logp - ref
 
-Aggregation is a weighted sum with per-token weights computed once for the whole batch, so that
-splitting it into micro-batches with gradient accumulation gives exactly the same gradient:
-
-* ``token-mean``: ``1 / total_tokens``
-* ``seq-mean-token-mean``: ``1 / (num_seqs * len(seq))``
-* ``seq-mean-token-sum-norm`` (Dr.GRPO): ``1 / (num_seqs * max_response_len)``
+The aggregation weights come from the core (:meth:`rllm_core.rows.TokenRows.loss_weights`): the
+loss of a batch is ``sum_t w_t * loss_t``, so splitting it into micro-batches changes nothing.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["LOSSES", "AGG_MODES", "token_weights", "policy_loss"]
+__all__ = ["LOSSES", "kl_penalty", "policy_loss"]
 
 LOSSES = ("importance_sampling", "ppo")
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-
-
-def token_weights(seq_lens: list[int], mode: str) -> torch.Tensor:
-    """One weight per token (sequences concatenated in order) implementing ``mode``."""
-    if mode not in AGG_MODES:
-        raise ValueError(f"algorithm.loss.agg_mode: unknown mode {mode!r}; one of {', '.join(AGG_MODES)}")
-    n_seqs = sum(1 for n in seq_lens if n > 0)
-    if n_seqs == 0:
-        return torch.zeros(0)
-    total = sum(seq_lens)
-    if mode == "token-mean":
-        per_seq = [1.0 / total] * len(seq_lens)
-    elif mode == "seq-mean-token-mean":
-        per_seq = [1.0 / (n_seqs * n) if n else 0.0 for n in seq_lens]
-    else:
-        norm = max(seq_lens)
-        per_seq = [1.0 / (n_seqs * norm)] * len(seq_lens)
-    return torch.cat([torch.full((n,), w, dtype=torch.float32) for n, w in zip(seq_lens, per_seq, strict=False)])
 
 
 def policy_loss(
@@ -54,11 +33,12 @@ def policy_loss(
     name: str = "importance_sampling",
     clip_low: float = 0.2,
     clip_high: float = 0.28,
-    ref_logp: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
+    clip_ratio_c: float | None = None,
+    max_log_ratio: float = 20.0,
+    tis_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token loss (flat, same shape as ``logp``) and per-token diagnostics (detached)."""
-    log_ratio = logp - old_logp
+    """Per-token policy loss (same shape as ``logp``) and per-token diagnostics (detached)."""
+    log_ratio = torch.clamp(logp - old_logp, -max_log_ratio, max_log_ratio)
     ratio = torch.exp(log_ratio)
     stats: dict[str, torch.Tensor] = {"ratio": ratio.detach()}
     if name == "importance_sampling":
@@ -68,14 +48,32 @@ def policy_loss(
         clipped = -torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * adv
         loss = torch.maximum(unclipped, clipped)
         stats["clipped"] = (clipped > unclipped).float().detach()
+        if clip_ratio_c is not None:
+            capped = torch.minimum(loss, -clip_ratio_c * adv)
+            stats["dual_clipped"] = ((adv < 0) & (capped < loss)).float().detach()
+            loss = torch.where(adv < 0, capped, loss)
     else:
         raise ValueError(
             f"algorithm.loss.name: unknown loss {name!r} for the torch backend; one of {', '.join(LOSSES)}"
         )
+    if tis_weight is not None:
+        loss = loss * tis_weight
+        stats["tis_weight"] = tis_weight.detach()
     stats["pg_loss"] = loss.detach()
-    if kl_coef > 0 and ref_logp is not None:
-        delta = ref_logp - logp
-        kl = torch.exp(delta) - delta - 1.0
-        loss = loss + kl_coef * kl
-        stats["kl"] = kl.detach()
     return loss, stats
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3", clamp: float | None = 10.0):
+    """Per-token estimate of KL(policy || reference) from the sampled tokens' logprobs."""
+    d = logp - ref_logp
+    if estimator == "k1":
+        kl = d
+    elif estimator == "k2":
+        kl = 0.5 * d * d
+    elif estimator == "k3":
+        kl = torch.exp(-d) + d - 1.0
+    else:
+        raise ValueError(f"algorithm.loss.kl_estimator: unknown estimator {estimator!r}; one of k1, k2, k3")
+    if clamp is not None:
+        kl = torch.clamp(kl, -clamp, clamp)
+    return kl

@@ -3,8 +3,11 @@
 ``generate(model, prompts, params)`` left-pads the prompts into one batch, runs the prompt once, then
 one token per step with ``past_key_values``. Each row has its own temperature, top-k, top-p,
 token budget and stop conditions. The logprob returned for a sampled token is its log-probability
-under the model's plain distribution (temperature 1, no top-k/top-p truncation): the same quantity
-:func:`score` and the trainer compute, so importance ratios start at exactly 1 for on-policy data.
+under the *tempered* distribution ``softmax(logits / T)`` (T = 1 for greedy rows), without the
+top-k/top-p truncation: the same quantity :func:`score` and the trainer compute at that
+temperature, so importance ratios start at exactly 1 for on-policy data and the policy gradient is
+that of the distribution that sampled. (Top-k/top-p < full sample from a truncated distribution the
+logprobs do not describe: tokens outside it have probability 0 there, which the ratio cannot see.)
 """
 
 from __future__ import annotations
@@ -94,6 +97,7 @@ def generate(
     input_ids, attn = input_ids.to(device), attn.to(device)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    scale = torch.where(temps > 0, temps, torch.ones_like(temps)).unsqueeze(-1)  # logprobs' temperature
     top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
     budget = [p.max_tokens for p in params]
@@ -112,7 +116,7 @@ def generate(
         if all(done):
             break
         tokens = _sample(logits.float(), temps, top_k, top_p, generator)
-        lps = token_logprobs(logits, tokens).tolist()
+        lps = token_logprobs(logits.float() / scale, tokens).tolist()
         token_list = tokens.tolist()
         for i in range(b):
             if done[i]:
@@ -215,15 +219,22 @@ def response_logits(
 
 @torch.inference_mode()
 def score(
-    model: Any, rows: list[tuple[list[int], list[int]]], *, pad_id: int, share_prompts: bool = True
+    model: Any,
+    rows: list[tuple[list[int], list[int]]],
+    *,
+    pad_id: int,
+    share_prompts: bool = True,
+    temperature: float = 1.0,
 ) -> list[list[float]]:
-    """Teacher-forced logprobs of each response following its prompt (see :func:`response_logits`)."""
+    """Teacher-forced logprobs of each response following its prompt under ``softmax(logits / temperature)``."""
     rows = [(list(p), list(r)) for p, r in rows]
     keep = [i for i, (_, r) in enumerate(rows) if r]
     out: list[list[float]] = [[] for _ in rows]
     if not keep:
         return out
     logits, targets = response_logits(model, [rows[i] for i in keep], pad_id=pad_id, share_prompts=share_prompts)
+    if temperature != 1.0:
+        logits = logits.float() / temperature
     flat = token_logprobs(logits, targets).tolist()
     pos = 0
     for i in keep:

@@ -8,6 +8,7 @@ import pytest
 from torch_test_helpers import backend, groups_from_outputs
 
 from rllm_core.protocol import TrainerState
+from rllm_core.rows import build_rows
 
 torch = pytest.importorskip("torch")
 
@@ -24,10 +25,13 @@ def _sample(b, n=16, max_tokens=3):
 
 
 def _train(b, groups, version=None):
+    """The trainer's stages on ``groups`` whose steps already carry advantages."""
+
     async def run():
-        state = TrainerState(groups=groups)
+        state = TrainerState(groups=groups, rows=build_rows(groups))
         await b.transform_to_backend_batch(state)
         await b.process_backend_batch(state)
+        state.rows.fill_advantages()
         await b.update_policy(state)
         if version is not None:
             await b.on_policy_updated(state, version)
@@ -78,7 +82,7 @@ def test_per_token_advantages_are_honoured_and_checked():
     for k, v in _params(b).items():
         torch.testing.assert_close(v, before[k])
     groups[0].trajectories[0].steps[0].advantage = [1.0]
-    with pytest.raises(ValueError, match="per-token advantages"):
+    with pytest.raises(ValueError, match="per-token advantage has 1 entries for 3 response tokens"):
         _train(b, groups)
 
 
@@ -158,8 +162,20 @@ def test_bad_settings_name_the_field():
     with pytest.raises(ConfigError, match=r"algorithm\.loss\.name"):
         b = backend()
         b.validate_config(make_config(**{"algorithm.loss.name": "dpo"}))
-    with pytest.raises(FileNotFoundError, match=r"torch\.model_path"):
-        backend(**{"torch.model_path": "/nonexistent/model"})
+
+
+def test_a_bad_model_path_is_a_config_error_naming_the_field_before_start_up(tmp_path):
+    from rllm_torch.config import TorchBackendConfig
+    from torch_test_helpers import make_config
+
+    from rllm_core.config import ConfigError, validate_plugin_sections
+
+    with pytest.raises(ConfigError, match=r"  torch\.model_path: .*/nonexistent/model is not a directory"):
+        validate_plugin_sections(make_config(**{"torch.model_path": "/nonexistent/model"}))
+    with pytest.raises(ConfigError, match=r"  torch\.model_path: .*no config\.json"):
+        validate_plugin_sections(make_config(**{"torch.model_path": str(tmp_path)}))
+    # Settings read back from a checkpoint do not need the original directory.
+    assert TorchBackendConfig.model_validate({"model_path": "/gone"}, context={"check_paths": False}).model_path
 
 
 def test_torch_is_the_default_backend_and_registers_reward_curve():
