@@ -43,7 +43,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from rllm_core.types import Step, TrajectoryGroup
+from rllm_core.types import Episode, Step, TrajectoryGroup
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -57,7 +57,9 @@ __all__ = [
     "drgrpo",
     "filter_groups",
     "grpo",
+    "is_informative",
     "reinforce",
+    "reinforce_plus_plus",
     "reinforce_plus_plus_baseline",
     "rloo",
 ]
@@ -200,16 +202,42 @@ def reinforce_plus_plus_baseline(
     import numpy as np
 
     mean, _counts = _group_mean(np, rewards, group_ids, n_groups)
-    centred = rewards - mean[group_ids]
-    if centred.size == 0:
-        return centred
-    n = np.ones_like(centred) if token_counts is None else np.asarray(token_counts, dtype=np.float64)
+    return _whiten_tokens(np, rewards - mean[group_ids], token_counts, std_ddof)
+
+
+def reinforce_plus_plus(
+    rewards: np.ndarray,
+    group_ids: np.ndarray,
+    n_groups: int,
+    *,
+    norm_adv_by_std: bool = True,
+    eps: float = EPS,
+    std_ddof: int = 1,
+    token_counts: np.ndarray | None = None,
+    **_: Any,
+) -> np.ndarray:
+    """REINFORCE++ as verl defines it: the reward on every action token, whitened over the batch's tokens.
+
+    No group baseline: a group whose rewards are all equal still gets a signal, its reward against
+    the batch's (failures below the batch mean are pushed down, which keeps a policy exploring
+    where it fails everywhere). Weighted by ``token_counts`` like :func:`reinforce_plus_plus_baseline`.
+    """
+    import numpy as np
+
+    return _whiten_tokens(np, np.asarray(rewards, dtype=np.float64), token_counts, std_ddof)
+
+
+def _whiten_tokens(np: Any, values: np.ndarray, token_counts: np.ndarray | None, std_ddof: int) -> np.ndarray:
+    """``(v - mu) / sqrt(var + 1e-8)`` with ``mu``, ``var`` over tokens (each value counted per token)."""
+    if values.size == 0:
+        return values
+    n = np.ones_like(values) if token_counts is None else np.asarray(token_counts, dtype=np.float64)
     total = n.sum()
     if total <= 0:
-        return np.zeros_like(centred)
-    mu = (n * centred).sum() / total
-    var = (n * (centred - mu) ** 2).sum() / max(total - std_ddof, 1.0)
-    return (centred - mu) / np.sqrt(var + 1e-8)
+        return np.zeros_like(values)
+    mu = (n * values).sum() / total
+    var = (n * (values - mu) ** 2).sum() / max(total - std_ddof, 1.0)
+    return (values - mu) / np.sqrt(var + 1e-8)
 
 
 BUILTIN_ESTIMATORS = {
@@ -217,6 +245,7 @@ BUILTIN_ESTIMATORS = {
     "drgrpo": drgrpo,
     "rloo": rloo,
     "reinforce": reinforce,
+    "reinforce_plus_plus": reinforce_plus_plus,
     "reinforce_plus_plus_baseline": reinforce_plus_plus_baseline,
 }
 
@@ -297,7 +326,7 @@ def filter_groups(
     kept: list[TrajectoryGroup] = []
     small = uniform = total = 0
     min_size = filter_config.min_group_size
-    drop_uniform = filter_config.drop_uniform_rewards
+    drop_uniform = filter_config.drop_uniform_rewards or filter_config.dynamic_sampling
     for group in groups:
         total += 1
         if len(group.trajectories) < min_size:
@@ -316,6 +345,18 @@ def filter_groups(
         "filter/dropped_uniform": float(uniform),
     }
     return kept, metrics
+
+
+def is_informative(episodes: Iterable[Episode]) -> bool:
+    """True when some role's trajectories in ``episodes`` (one task's rollouts) have rewards that
+    differ, or carry precomputed per-token advantages: what dynamic sampling keeps."""
+    by_role: dict[str, list[float]] = {}
+    for episode in episodes:
+        for trajectory in episode.trajectories:
+            if trajectory.steps and all(isinstance(s.advantage, list) for s in trajectory.steps):
+                return True
+            by_role.setdefault(trajectory.name, []).append(trajectory.total_reward)
+    return any(max(r) - min(r) > _UNIFORM_TOL for r in by_role.values())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,6 +100,14 @@ class RolloutConfig(_Section):
 class FilterConfig(_Section):
     drop_uniform_rewards: bool = False
     """Drop groups whose rewards are all equal (they carry no GRPO signal)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: tasks whose groups all have equal rewards are dropped *and replaced*:
+    generation goes on with more tasks until the step holds ``data.train_batch_size`` informative
+    tasks, or ``max_sample_rounds`` batches' worth were generated (sync and async). Implies
+    ``drop_uniform_rewards``; train metrics stay over everything generated."""
+    max_sample_rounds: int = Field(3, ge=1)
+    """Dynamic sampling: at most this many batches' worth of tasks generated for one step; past it
+    the step trains on the informative tasks it has."""
     min_group_size: int = Field(1, ge=1)
     """Drop groups with fewer trajectories than this."""
     mask_termination_reasons: list[TerminationReason] = Field(default_factory=list)
@@ -162,6 +170,15 @@ class OptimConfig(_Section):
     """AdamW betas."""
     grad_clip: float | None = Field(1.0, gt=0)
     """Max global grad norm; None disables clipping."""
+    mini_batch_size: int | None = Field(None, ge=1)
+    """Rows per optimiser step (verl's ``ppo_mini_batch_size`` times ``rollout.n``): each pass shuffles
+    the step's rows into mini-batches of this size (the last may be smaller), one step each with its
+    own loss aggregation; None: one step on all rows. A fixed size, not a fixed count, so a step
+    with little data (dynamic sampling found few informative tasks) takes few steps. After the first
+    step the updates are off-policy: the ratio and the PPO clip act."""
+    epochs: int = Field(1, ge=1)
+    """Passes over a training step's rows (verl's ``ppo_epochs``, TRL's ``num_iterations``). The
+    learning-rate schedule advances once per training step, whatever the number of optimiser steps."""
 
 
 class AlgorithmConfig(_Section):

@@ -98,6 +98,8 @@ class Coordinator:
         self.stopping = False
         self.error: BaseException | None = None
         self.counters = dict.fromkeys(_COUNTERS, 0.0)
+        self.discarded: list[TaskResult] = []
+        """Results the last :meth:`take` discarded as uninformative (dynamic sampling)."""
         self._cond = asyncio.Condition()
         self._wake: asyncio.Task | None = None
         # Busy-time accounting for the generation side (at least one rollout in flight).
@@ -219,14 +221,22 @@ class Coordinator:
 
     # -- training side ------------------------------------------------------------------------
 
-    async def take(self, current_version: int) -> list[TaskResult]:
+    async def take(
+        self,
+        current_version: int,
+        keep: Callable[[TaskResult], bool] | None = None,
+        max_discards: int = 0,
+    ) -> list[TaskResult]:
         """Up to ``batch_size`` fresh task results (fewer only when generation is done).
 
-        Results too stale for ``current_version`` are given back. Returns nothing when the run
-        is stopping (results taken so far stay queued, so a checkpoint keeps them pending);
-        raises the error of :meth:`fail`.
+        Results too stale for ``current_version`` are given back. With ``keep`` (dynamic sampling),
+        up to ``max_discards`` results it rejects are discarded: their slots let new tasks in, and
+        they are left in :attr:`discarded` for the step's metrics. Returns nothing when the run is
+        stopping (results taken so far stay queued, so a checkpoint keeps them pending); raises
+        the error of :meth:`fail`.
         """
         taken: list[TaskResult] = []
+        self.discarded = []
         async with self._cond:
             while len(taken) < self.batch_size:
                 await self._cond.wait_for(
@@ -246,8 +256,13 @@ class Coordinator:
                     self.counters["async/dropped_stale"] += 1
                     self._give_back(result.key)
                     continue
+                if keep is not None and len(self.discarded) < max_discards and not keep(result):
+                    self.discarded.append(result)
+                    self.counters["dynamic/discarded_tasks"] += 1
+                    self.released += 1  # generated and judged: its slot goes to a new task
+                    continue
                 taken.append(result)
-        for result in taken:
+        for result in (*taken, *self.discarded):
             self.requeues.pop(result.key, None)
         return taken
 
@@ -281,4 +296,10 @@ class Coordinator:
             self._cond.notify_all()
 
 
-_COUNTERS = ("async/dropped_stale", "async/requeued", "async/given_up", "async/generate_failures")
+_COUNTERS = (
+    "async/dropped_stale",
+    "async/requeued",
+    "async/given_up",
+    "async/generate_failures",
+    "dynamic/discarded_tasks",
+)

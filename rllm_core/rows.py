@@ -178,11 +178,14 @@ class TokenRows:
             out[self.loss_mask] = np.asarray(flat, dtype=np.float64)
         self.advantages = out
 
-    def loss_weights(self, agg_mode: str, loss_scale_factor: float | None = None) -> np.ndarray:
+    def loss_weights(
+        self, agg_mode: str, loss_scale_factor: float | None = None, rows: Sequence[int] | None = None
+    ) -> np.ndarray:
         """Per-token weights ``w`` (0 off the mask) with ``loss = sum_t w_t * loss_t`` for ``agg_mode``.
 
-        With ``N`` action tokens in the batch, ``S`` rows that have at least one, ``n_r`` action tokens
-        in row ``r`` and ``C = loss_scale_factor``:
+        ``rows``: a mini-batch (row indices): the weights of one optimiser step on those rows only,
+        0 on every other row. With ``N`` action tokens in the batch (or mini-batch), ``S`` rows that
+        have at least one, ``n_r`` action tokens in row ``r`` and ``C = loss_scale_factor``:
 
         * ``token-mean``: ``1 / N``
         * ``seq-mean-token-mean``: ``1 / (S * n_r)``
@@ -197,6 +200,10 @@ class TokenRows:
         if agg_mode not in AGG_MODES:
             raise ValueError(f"algorithm.loss.agg_mode: unknown mode {agg_mode!r}; one of {', '.join(AGG_MODES)}")
         mask = self.loss_mask.astype(np.float64)
+        if rows is not None:
+            chosen = np.zeros(len(self), dtype=np.float64)
+            chosen[np.asarray(rows, dtype=np.int64)] = 1.0
+            mask *= np.repeat(chosen, self.row_lengths())
         total = mask.sum()
         if total == 0:
             return mask

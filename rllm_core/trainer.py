@@ -385,8 +385,14 @@ class UnifiedTrainer:
             groups = group_episodes(episodes)
         return list(groups)
 
-    async def _train_on(self, state: TrainerState, episodes: list[Episode]) -> dict[str, float]:
-        """Everything from episodes to the optimiser step: the same code in sync and async mode."""
+    async def _train_on(
+        self, state: TrainerState, episodes: list[Episode], generated: list[Episode] | None = None
+    ) -> dict[str, float]:
+        """Everything from episodes to the optimiser step: the same code in sync and async mode.
+
+        ``generated``: every episode generated for the step when it is more than those trained on
+        (dynamic sampling); the ``train/`` episode metrics are over it, so they describe the policy.
+        """
         from rllm_core.advantages import filter_groups
 
         state.episodes = episodes
@@ -397,7 +403,8 @@ class UnifiedTrainer:
                     for e in episodes
                 )
             )
-        metrics = episode_metrics(episodes, "train")  # after post-processing: it may add episode metrics
+        # after post-processing: it may add episode metrics
+        metrics = episode_metrics(episodes if generated is None else generated, "train")
         groups = await self.group_episodes(episodes)
         groups, filter_metrics = filter_groups(groups, self.config.algorithm.filter)
         metrics.update(filter_metrics)
@@ -523,8 +530,9 @@ class UnifiedTrainer:
                 if not self._in_update:
                     self.loader.load_state_dict(before)  # the abandoned batch is redone on resume
                 raise
-            if self.loader.epoch != epoch or self.loader.finished:
-                await self._epoch_end(epoch)
+            for started in sorted(self._epochs_started - self._epochs_ended):
+                if started < self.loader.epoch or self.loader.finished:  # dynamic sampling may draw ahead
+                    await self._epoch_end(started)
             await self._after_step()
 
     async def _sync_step(self, epoch: int, batch: list[dict[str, Any]]) -> None:
@@ -532,8 +540,12 @@ class UnifiedTrainer:
         state = self._new_state(epoch=epoch, batch=batch)
         await self._batch_start(state)
         episodes = await self.backend.generate_episodes(batch, self.workflow_engine, is_validation=False)
+        generated, extra = episodes, {}
+        if self.config.algorithm.filter.dynamic_sampling:
+            episodes, generated, extra = await self._sample_dynamically(episodes)
         gen_time = time.perf_counter() - step_start
-        metrics = await self._train_on(state, episodes)
+        metrics = await self._train_on(state, episodes, generated)
+        metrics.update(extra)
         self.step += 1
         await self._publish(state)
         busy_train = metrics.get("time/train", 0.0)
@@ -542,6 +554,48 @@ class UnifiedTrainer:
         metrics["timing/gen_idle_frac"] = 1.0 - gen_time / total if total > 0 else 0.0
         metrics["timing/train_idle_frac"] = 1.0 - busy_train / total if total > 0 else 0.0
         await self._finish_step(state, metrics, step_start)
+
+    async def _sample_dynamically(
+        self, episodes: list[Episode]
+    ) -> tuple[list[Episode], list[Episode], dict[str, float]]:
+        """DAPO's dynamic sampling (sync mode): replace uninformative tasks with new ones.
+
+        Returns the episodes of the first ``train_batch_size`` informative tasks, everything
+        generated (for the train metrics) and the ``dynamic/*`` metrics.
+        """
+        from rllm_core.advantages import is_informative
+
+        target = self.config.data.train_batch_size
+        max_rounds = self.config.algorithm.filter.max_sample_rounds
+        generated = list(episodes)
+        kept: dict[str, list[Episode]] = {}
+        rounds = tasks = 0
+        while True:
+            rounds += 1
+            by_task: dict[str, list[Episode]] = {}
+            for episode in episodes:
+                by_task.setdefault(episode.task_id, []).append(episode)
+            tasks += len(by_task)
+            for task_id, eps in by_task.items():
+                # a small data set can come round again: one group per task in a step
+                if task_id not in kept and is_informative(eps):
+                    kept[task_id] = eps
+            if len(kept) >= target or rounds >= max_rounds:
+                break
+            item = self.loader.next_batch()
+            if item is None:
+                break
+            await self._epoch_start(item[0])
+            episodes = await self.backend.generate_episodes(item[1], self.workflow_engine, is_validation=False)
+            generated.extend(episodes)
+        metrics = {
+            "dynamic/rounds": float(rounds),
+            "dynamic/tasks_generated": float(tasks),
+            "dynamic/informative_tasks": float(len(kept)),
+            "dynamic/surplus_tasks": float(max(0, len(kept) - target)),
+        }
+        chosen = list(kept.values())[:target]
+        return [e for eps in chosen for e in eps], generated, metrics
 
     # -- async mode ---------------------------------------------------------------------------
 
@@ -605,20 +659,29 @@ class UnifiedTrainer:
         gen_task = asyncio.create_task(self._generation_loop(coord))
         last_end = time.perf_counter()
         last_gen_busy = 0.0
+        keep, max_discards = None, 0
+        if self.config.algorithm.filter.dynamic_sampling:
+            from rllm_core.advantages import is_informative
+
+            def keep(result: TaskResult) -> bool:
+                return is_informative(result.episodes)
+
+            max_discards = (self.config.algorithm.filter.max_sample_rounds - 1) * batch_size
         try:
             while not self._should_stop():
                 wait_start = time.perf_counter()
-                results = await coord.take(self.weight_version)
+                results = await coord.take(self.weight_version, keep, max_discards)
                 waited = time.perf_counter() - wait_start
                 if not results:
                     break
                 step_start = time.perf_counter()
                 episodes = [e for r in results for e in r.episodes]
+                generated = episodes + [e for r in coord.discarded for e in r.episodes] if coord.discarded else None
                 epoch = min(r.epoch for r in results)
                 batch = [r.episodes[0].task if r.episodes else None for r in results]
                 state = self._new_state(epoch=epoch, batch=batch)
                 await self._batch_start(state)
-                metrics = await self._train_on(state, episodes)
+                metrics = await self._train_on(state, episodes, generated)
                 self.step += 1
                 drain = 0.0
                 if self.step - coord.synced_step >= cfg.sync_every:

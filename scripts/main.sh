@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The README's first command: set up a fresh machine, then train a tiny model on single-digit
-# addition from scratch on CPU (reward from chance to >= 0.9 in a few minutes on 2 cores).
-#   bash scripts/main.sh [extra overrides, e.g. trainer.total_steps=100]
+# The README's first command: set up a fresh machine, then train a tiny random model by RL on CPU
+# to answer a+b= with the sum spelled digit by digit and end-of-turn (exact reward), from chance
+# to a 10-step mean train reward >= 0.9 in a few minutes on 2 cores.
+#   bash scripts/main.sh [extra overrides, e.g. trainer.seed=1]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${RLLM_VENV:-.venv}"
@@ -28,15 +29,16 @@ if train:
     rewards = [val(r, "train/reward/mean") for r in train]
     clock = 0.0
     hit = None
-    for r, v in zip(train, rewards):
+    for i, r in enumerate(train):
         clock += val(r, "time/step") or 0.0
-        if v >= 0.9 and hit is None:
+        window = rewards[max(0, i - 9) : i + 1]
+        if i >= 9 and sum(window) / 10 >= 0.9 and hit is None:
             hit = (val(r, "step"), clock)
     print(f"train reward: first step {rewards[0]:.3f}, last step {rewards[-1]:.3f}, best {max(rewards):.3f}")
     if hit:
-        print(f"first train reward >= 0.9 at step {hit[0]}, after {hit[1]:.0f} s of training steps")
+        print(f"10-step mean train reward >= 0.9 at step {hit[0]}, after {hit[1]:.0f} s of training steps")
     else:
-        print("train reward did not reach 0.9")
+        print("the 10-step mean train reward did not reach 0.9")
 vals = [val(r, "val/reward/mean") for r in rows if val(r, "val/reward/mean") is not None]
 if vals:
     print(f"validation reward (greedy, all 100 facts): {vals[-1]:.3f}")

@@ -21,6 +21,7 @@ from rllm_core.advantages import (
     filter_groups,
     grpo,
     reinforce,
+    reinforce_plus_plus,
     reinforce_plus_plus_baseline,
     rloo,
 )
@@ -143,6 +144,14 @@ def test_reinforce_plus_plus_baseline_without_token_counts_whitens_trajectories(
     np.testing.assert_allclose(out, centred / np.sqrt(centred.var(ddof=1) + 1e-8))
 
 
+def test_reinforce_plus_plus_gives_uniform_groups_a_signal_against_the_batch():
+    # group A all fail, group B all succeed: GRPO gives both zeros, REINFORCE++ does not
+    rewards, ids = np.array([0.0, 0.0, 1.0, 1.0]), np.array([0, 0, 1, 1])
+    assert not grpo(rewards, ids, 2).any()
+    out = reinforce_plus_plus(rewards, ids, 2)
+    np.testing.assert_allclose(out, (rewards - 0.5) / np.sqrt(rewards.var(ddof=1) + 1e-8))
+
+
 def test_group_of_one_gets_its_raw_reward_except_rloo():
     rewards, ids = np.array([7.0, -2.0, 1.0, 3.0]), np.array([0, 1, 2, 2])
     h = 1 / math.sqrt(2)  # the group [1, 3]: centred +-1 over the unbiased std sqrt(2)
@@ -215,6 +224,12 @@ def test_estimators_match_independent_references(groups, norm, ddof, data):
             reference_rpp(groups, counts),
             atol=1e-6,
         )
+        tokens = np.repeat(rewards, counts)  # REINFORCE++: no group baseline at all
+        np.testing.assert_allclose(
+            reinforce_plus_plus(rewards, ids, n, token_counts=counts),
+            (rewards - tokens.mean()) / np.sqrt(tokens.var(ddof=1) + 1e-8),
+            atol=1e-6,
+        )
 
 
 groups_strategy = st.lists(
@@ -266,7 +281,7 @@ def test_estimators_do_not_depend_on_group_order(groups):
 
 def test_builtin_estimators_are_registered_by_name():
     names = get_registry().names("estimator")
-    for name in ("grpo", "drgrpo", "rloo", "reinforce", "reinforce_plus_plus_baseline"):
+    for name in ("grpo", "drgrpo", "rloo", "reinforce", "reinforce_plus_plus", "reinforce_plus_plus_baseline"):
         assert name in names
 
 

@@ -176,6 +176,16 @@ def test_sum_norm_divides_by_a_constant_not_the_batch():
         one.loss_weights("seq-mean-token-sum-norm", None)
 
 
+def test_mini_batch_weights_cover_only_their_rows():
+    short = two_turn()
+    long = Trajectory(steps=[Step(prompt_ids=[1], response_ids=[7, 8, 9])])
+    rows = build_rows([group(short, long)])
+    first = rows.loss_weights("token-mean", rows=[0])
+    second = rows.loss_weights("seq-mean-token-sum", rows=[1])
+    assert first[rows.offsets[1] :].sum() == 0 and first.sum() == pytest.approx(1.0)  # 1/3 on row 0's tokens
+    assert second[: rows.offsets[1]].sum() == 0 and second.sum() == pytest.approx(3.0)  # S = 1: weight 1 each
+
+
 def test_unknown_mode_is_named():
     rows = build_rows([group(two_turn())])
     with pytest.raises(ValueError, match=r"algorithm\.loss\.agg_mode"):

@@ -1,6 +1,6 @@
 """Local torch backend vs TRL's GRPOTrainer: same tiny model, task, batch, group size and steps, CPU.
 
-    bash benchmarks/local_vs_trl/run.sh             # creates benchmarks/local_vs_trl/.venv (trl)
+    bash benchmarks/local_vs_trl/run.sh             # creates benchmarks/.trl-venv (trl)
     python bench.py --steps 60 --tasks 32 --group 8  # inside that venv
 
 Each side runs in its own subprocess (clean peak-memory numbers). Both train the same tiny Qwen2
@@ -21,7 +21,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIG = os.path.join(HERE, "../../examples/arith/config.yaml")
+CONFIG = os.path.join(HERE, "../../examples/arith/config_one_token.yaml")
 
 
 def _tiny_settings() -> dict:

@@ -3,7 +3,7 @@
 # packages editable) and run the comparison. Extra arguments go to bench.py.
 set -euo pipefail
 cd "$(dirname "$0")"
-VENV=.venv
+VENV=../.trl-venv  # shared with benchmarks/learning
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"

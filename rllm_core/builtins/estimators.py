@@ -1,6 +1,7 @@
 """Built-in plugin ``rllm.estimators``: registers the advantage estimators of ``rllm_core.advantages``.
 
-Names: ``grpo``, ``drgrpo``, ``rloo``, ``reinforce``, ``reinforce_plus_plus_baseline``.
+Names: ``grpo``, ``drgrpo``, ``rloo``, ``reinforce``, ``reinforce_plus_plus``,
+``reinforce_plus_plus_baseline``.
 """
 
 from __future__ import annotations

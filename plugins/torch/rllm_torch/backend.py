@@ -292,103 +292,47 @@ class TorchBackend(Backend):
         if any(_unknown(lp, m) for lp, m in zip(batch.old_logprobs, batch.masks, strict=True)):
             await self.process_backend_batch(state)
         rows = state.rows
-        loss_cfg = self.config.algorithm.loss
-        weights = rows.loss_weights(loss_cfg.agg_mode, self.config.loss_scale_factor())
         offsets = rows.offsets.tolist()
-        batch.weights, batch.advantages = [], []
-        for r in range(len(batch)):
-            a, b = offsets[r] + int(rows.prompt_lens[r]), offsets[r + 1]
-            batch.weights.append(weights[a:b].astype(np.float32))
-            batch.advantages.append(rows.advantages[a:b].astype(np.float32))
+        batch.advantages = [
+            rows.advantages[offsets[r] + int(rows.prompt_lens[r]) : offsets[r + 1]].astype(np.float32)
+            for r in range(len(batch))
+        ]
         loop = asyncio.get_running_loop()
-        metrics = await loop.run_in_executor(self._train_executor, self._train_step, batch)
+        metrics = await loop.run_in_executor(self._train_executor, self._train_step, batch, rows, state.step)
         state.metrics.update(metrics)
 
-    def _train_step(self, batch: TrainBatch) -> dict[str, float]:
+    def _mini_batches(self, n_rows: int, step: int) -> list[list[int]]:
+        """``epochs`` passes over the rows, each shuffled (seeded by the step) into mini-batches."""
+        optim = self.config.algorithm.optim
+        size = optim.mini_batch_size or n_rows
+        if size >= n_rows and optim.epochs == 1:
+            return [list(range(n_rows))]
+        rng = np.random.default_rng([self.seed, step])
+        out = []
+        for _ in range(optim.epochs):
+            order = rng.permutation(n_rows).tolist()
+            out.extend(order[i : i + size] for i in range(0, n_rows, size))
+        return out
+
+    def _train_step(self, batch: TrainBatch, rows: Any, step: int) -> dict[str, float]:
         loss_cfg = self.config.algorithm.loss
         start = time.perf_counter()
-        share = self._share_prompts
-        lock = self.runtime.lock if not self.separate_sampler else _NULL_LOCK
-        temperature = self.temperature
-        tis = loss_cfg.tis_cap if loss_cfg.old_logprobs == "recompute" else None
-        kl_on = loss_cfg.kl_coef > 0 and batch.ref_logprobs is not None
-        rows = [i for i in range(len(batch)) if batch.masks[i].any()]
-        # A row whose every advantage is 0 adds exactly 0 to the gradient of both losses; it only
-        # matters through the entropy bonus or the KL term. Its weight stays in the aggregation.
-        if self.cfg.skip_zero_advantage and self.cfg.entropy_coef == 0 and not kl_on:
-            rows = [i for i in rows if batch.advantages[i].any()]
-        with self._train_lock, lock:
+        factor = self.config.loss_scale_factor()
+        offsets = rows.offsets.tolist()
+        cuts = [offsets[r] + int(rows.prompt_lens[r]) for r in range(len(batch))]
+        sums: dict[str, float] = {}
+        n_tokens = fed = fed_real = trained = 0
+        norms: list[float] = []
+        with self._train_lock, self.runtime.lock if not self.separate_sampler else _NULL_LOCK:
             self.policy.train()
-            self.optimizer.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {}
-            n_tokens = 0
-            fed = fed_real = 0
-            for idx in self._chunks(rows, batch):
-
-                def flat(values: list[np.ndarray], idx: list[int] = idx) -> torch.Tensor:
-                    return torch.from_numpy(np.concatenate([values[i] for i in idx])).to(self.device)
-
-                on = flat(batch.masks) > 0  # the loss mask: only sampled action tokens
-                old, adv, w = flat(batch.old_logprobs)[on], flat(batch.advantages)[on], flat(batch.weights)[on]
-                sel, targets = response_logits(
-                    self.policy,
-                    [(batch.prompts[i], batch.responses[i]) for i in idx],
-                    pad_id=self._pad,
-                    share_prompts=share,
-                )
-                sel, targets = sel[on], targets[on]
-                if temperature != 1.0:
-                    sel = sel.float() / temperature
-                padded, real = _forward_tokens(
-                    [batch.prompts[i] for i in idx], [batch.responses[i] for i in idx], share
-                )
-                fed, fed_real = fed + padded, fed_real + real
-                logp = token_logprobs(sel, targets)
-                tis_weight = None
-                if tis is not None:
-                    behaviour = flat(batch.sampler_logprobs)[on]
-                    tis_weight = torch.clamp(torch.exp(torch.clamp(old - behaviour, max=20.0)), max=tis)
-                loss_t, stats = policy_loss(
-                    logp,
-                    old,
-                    adv,
-                    name=loss_cfg.name,
-                    clip_low=loss_cfg.clip_low,
-                    clip_high=loss_cfg.clip_high,
-                    clip_ratio_c=loss_cfg.clip_ratio_c,
-                    max_log_ratio=loss_cfg.max_log_ratio,
-                    tis_weight=tis_weight,
-                )
-                if kl_on:
-                    kl = kl_penalty(logp, flat(batch.ref_logprobs)[on], loss_cfg.kl_estimator, loss_cfg.kl_clamp)
-                    loss_t = loss_t + loss_cfg.kl_coef * kl
-                    stats["kl"] = kl.detach()
-                if self.cfg.entropy_coef > 0:
-                    logsm = torch.log_softmax(sel.float(), dim=-1)
-                    entropy = -(logsm.exp() * logsm).sum(-1)
-                    loss_t = loss_t - self.cfg.entropy_coef * entropy
-                else:
-                    with torch.no_grad():
-                        logsm = torch.log_softmax(sel.detach().float(), dim=-1)
-                        entropy = -(logsm.exp() * logsm).sum(-1)
-                (loss_t * w).sum().backward()
-                with torch.no_grad():
-                    stats["entropy"] = entropy.detach()
-                    stats["loss"] = loss_t.detach()
-                    stats["approx_kl_old"] = (old - logp.detach()) ** 2 * 0.5
-                    for key, val in stats.items():
-                        sums[key] = sums.get(key, 0.0) + float(val.float().sum())
-                n_tokens += int(targets.numel())
-                del sel
-            params = [p for p in self.policy.parameters() if p.requires_grad]
-            for p in params:
-                if p.grad is None:  # every row skipped: a zero gradient, so AdamW still does its step
-                    p.grad = torch.zeros_like(p)
-            clip = self.config.algorithm.optim.grad_clip
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
             lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
-            self.scheduler.step()
+            for part in self._mini_batches(len(batch), step):
+                weights = rows.loss_weights(loss_cfg.agg_mode, factor, rows=part)
+                batch.weights = [weights[cuts[r] : offsets[r + 1]].astype(np.float32) for r in range(len(batch))]
+                n, f, fr, t, norm = self._optimizer_step(batch, part, sums)
+                n_tokens, fed, fed_real, trained = n_tokens + n, fed + f, fed_real + fr, trained + t
+                norms.append(norm)
+            self.scheduler.step()  # once per training step, however many optimiser steps it took
             self.updates += 1
             self.policy.eval()
         elapsed = time.perf_counter() - start
@@ -398,18 +342,102 @@ class TorchBackend(Backend):
         metrics.setdefault("actor/ratio_mean", 1.0)
         metrics.update(
             {
-                "actor/grad_norm": float(grad_norm),
+                "actor/grad_norm": sum(norms) / len(norms),
                 "actor/lr": lr,
+                "actor/optimizer_steps": float(len(norms)),
                 "actor/num_seqs": float(len(batch)),
-                "actor/trained_seqs": float(len(rows)),
+                "actor/trained_seqs": float(trained),
                 "actor/num_tokens": float(n_tokens),
                 "actor/forward_tokens": float(fed),
                 "actor/pad_frac": 1.0 - fed_real / max(1, fed),
-                "actor/tokens_per_s": real_tokens / elapsed,
+                "actor/tokens_per_s": real_tokens * len(norms) / elapsed,
                 "actor/update_s": elapsed,
             }
         )
         return metrics
+
+    def _optimizer_step(
+        self, batch: TrainBatch, part: list[int], sums: dict[str, float]
+    ) -> tuple[int, int, int, int, float]:
+        """Forward/backward over the rows ``part`` (in micro-batches), then one clipped AdamW step.
+
+        Adds per-token diagnostics to ``sums``; returns (tokens, fed, fed_real, trained rows, grad norm).
+        """
+        loss_cfg = self.config.algorithm.loss
+        share = self._share_prompts
+        temperature = self.temperature
+        tis = loss_cfg.tis_cap if loss_cfg.old_logprobs == "recompute" else None
+        kl_on = loss_cfg.kl_coef > 0 and batch.ref_logprobs is not None
+        rows = [i for i in part if batch.masks[i].any()]
+        # A row whose every advantage is 0 adds exactly 0 to the gradient of both losses; it only
+        # matters through the entropy bonus or the KL term. Its weight stays in the aggregation.
+        if self.cfg.skip_zero_advantage and self.cfg.entropy_coef == 0 and not kl_on:
+            rows = [i for i in rows if batch.advantages[i].any()]
+        self.optimizer.zero_grad(set_to_none=True)
+        n_tokens = fed = fed_real = 0
+        for idx in self._chunks(rows, batch):
+
+            def flat(values: list[np.ndarray], idx: list[int] = idx) -> torch.Tensor:
+                return torch.from_numpy(np.concatenate([values[i] for i in idx])).to(self.device)
+
+            on = flat(batch.masks) > 0  # the loss mask: only sampled action tokens
+            old, adv, w = flat(batch.old_logprobs)[on], flat(batch.advantages)[on], flat(batch.weights)[on]
+            sel, targets = response_logits(
+                self.policy,
+                [(batch.prompts[i], batch.responses[i]) for i in idx],
+                pad_id=self._pad,
+                share_prompts=share,
+            )
+            sel, targets = sel[on], targets[on]
+            if temperature != 1.0:
+                sel = sel.float() / temperature
+            padded, real = _forward_tokens([batch.prompts[i] for i in idx], [batch.responses[i] for i in idx], share)
+            fed, fed_real = fed + padded, fed_real + real
+            logp = token_logprobs(sel, targets)
+            tis_weight = None
+            if tis is not None:
+                behaviour = flat(batch.sampler_logprobs)[on]
+                tis_weight = torch.clamp(torch.exp(torch.clamp(old - behaviour, max=20.0)), max=tis)
+            loss_t, stats = policy_loss(
+                logp,
+                old,
+                adv,
+                name=loss_cfg.name,
+                clip_low=loss_cfg.clip_low,
+                clip_high=loss_cfg.clip_high,
+                clip_ratio_c=loss_cfg.clip_ratio_c,
+                max_log_ratio=loss_cfg.max_log_ratio,
+                tis_weight=tis_weight,
+            )
+            if kl_on:
+                kl = kl_penalty(logp, flat(batch.ref_logprobs)[on], loss_cfg.kl_estimator, loss_cfg.kl_clamp)
+                loss_t = loss_t + loss_cfg.kl_coef * kl
+                stats["kl"] = kl.detach()
+            if self.cfg.entropy_coef > 0:
+                logsm = torch.log_softmax(sel.float(), dim=-1)
+                entropy = -(logsm.exp() * logsm).sum(-1)
+                loss_t = loss_t - self.cfg.entropy_coef * entropy
+            else:
+                with torch.no_grad():
+                    logsm = torch.log_softmax(sel.detach().float(), dim=-1)
+                    entropy = -(logsm.exp() * logsm).sum(-1)
+            (loss_t * w).sum().backward()
+            with torch.no_grad():
+                stats["entropy"] = entropy.detach()
+                stats["loss"] = loss_t.detach()
+                stats["approx_kl_old"] = (old - logp.detach()) ** 2 * 0.5
+                for key, val in stats.items():
+                    sums[key] = sums.get(key, 0.0) + float(val.float().sum())
+            n_tokens += int(targets.numel())
+            del sel
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:  # every row skipped: a zero gradient, so AdamW still does its step
+                p.grad = torch.zeros_like(p)
+        clip = self.config.algorithm.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
+        self.optimizer.step()
+        return n_tokens, fed, fed_real, len(rows), float(grad_norm)
 
     async def on_policy_updated(self, state: TrainerState, version: int) -> None:
         if self.separate_sampler:

@@ -32,6 +32,8 @@ class TinyModelSettings(_Section):
     """Grouped-query heads; None: same as ``num_heads``."""
     intermediate_size: int = Field(256, ge=8)
     max_position_embeddings: int = Field(512, ge=16)
+    tie_word_embeddings: bool = True
+    """Share the input embedding with the output layer (transformers' default for small models)."""
     vocab: list[str] = Field(default_factory=lambda: list(DEFAULT_TINY_VOCAB))
     """Words of the tokenizer (split on whitespace and punctuation); unknown words become ``<unk>``."""
 

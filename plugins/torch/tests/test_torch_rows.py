@@ -156,3 +156,21 @@ def test_recomputed_old_logprobs_correct_staleness_through_the_truncated_is_weig
     gradients(sampler_mode, [as_group(trajs)])
     _, stale = gradients(sampler_mode, [as_group(trajs)])
     assert abs(stale["actor/ratio_mean"] - 1.0) > 1e-4 and "actor/tis_weight" not in stale
+
+
+def test_mini_batches_and_epochs_take_several_optimizer_steps_off_policy():
+    settings = {
+        "algorithm.optim.mini_batch_size": 2,  # six rows: three mini-batches per pass
+        "algorithm.optim.epochs": 2,
+        "algorithm.loss.name": "ppo",
+        "algorithm.optim.schedule": "linear",
+        "trainer.total_steps": 10,
+    }
+    b = backend(**settings)
+    trajs = rollouts(b)
+    lr0 = b.scheduler.get_last_lr()[0]
+    _, metrics = gradients(b, [as_group(trajs)])
+    assert metrics["actor/optimizer_steps"] == 6
+    assert abs(metrics["actor/ratio_mean"] - 1.0) > 1e-5  # later updates see a moved policy
+    # the schedule advances once per training step (1/10 of the way), not once per optimiser step
+    assert b.updates == 1 and b.scheduler.get_last_lr()[0] == pytest.approx(lr0 * 0.9)
