@@ -97,14 +97,12 @@ def _load(args: argparse.Namespace):
     return load_config(
         args.config,
         overrides=[
-            f"trainer.seed={args.seed}",
-            "trainer.total_steps=100000",
+            f"trainer.seed={args.seed}",  # the main job's own total_steps and lr schedule
             "trainer.val_every=0",
             "trainer.val_at_end=false",
             "trainer.resume=off",
             f"trainer.run_dir={args.out}/rllm_seed{args.seed}",
             f"torch.num_threads={args.threads}",
-            "algorithm.optim.schedule=constant",  # the run length is the budget, not a step count
             *args.rllm_override,
         ],
     )
@@ -235,8 +233,10 @@ def main() -> None:
     results: dict[str, list[dict]] = {impl: [] for impl in impls}
     for impl in impls:
         for seed in args.seeds:
-            rest = [a for a in sys.argv[1:] if a not in ("--impl",)]
-            cmd = [sys.executable, __file__, *rest, "--impl", impl, "--seed", str(seed), "--child"]
+            cmd = [sys.executable, __file__, "--child", "--impl", impl, "--seed", str(seed), "--config", args.config]
+            cmd += ["--target", str(args.target), "--budget-s", str(args.budget_s), "--threads", str(args.threads)]
+            cmd += ["--trl-lr", str(args.trl_lr), "--trl-prompts", str(args.trl_prompts), "--out", args.out]
+            cmd += [f"--rllm-override={o}" for o in args.rllm_override]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
