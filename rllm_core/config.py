@@ -10,6 +10,7 @@ registered, through the registry.
 from __future__ import annotations
 
 import difflib
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -155,6 +156,8 @@ class LossConfig(_Section):
     ``min(exp(recomputed - sampler logprob), tis_cap)`` (verl's rollout correction), which corrects
     stale samples and engines whose sampler logprobs differ from the trainer's (vLLM, Tinker).
     None: no correction (async mode then warns)."""
+    loss_fn_config: dict[str, Any] = Field(default_factory=dict)
+    """Backend-specific settings of the named loss, passed as they are (e.g. Tinker's ``dro``: ``{beta: 0.05}``)."""
 
 
 class OptimConfig(_Section):
@@ -180,6 +183,19 @@ class OptimConfig(_Section):
     """Passes over a training step's rows (verl's ``ppo_epochs``, TRL's ``num_iterations``). The
     learning-rate schedule advances once per training step, whatever the number of optimiser steps."""
 
+    def lr_factor(self, step: int, total_steps: int | None) -> float:
+        """The schedule's multiplier of ``lr`` at training step ``step`` (0-based): linear warm-up,
+        then constant, linear or cosine decay to 0 at ``total_steps``."""
+        if self.warmup_steps and step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return 1.0
+        total = total_steps or 1
+        progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
+        if self.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
 
 class AlgorithmConfig(_Section):
     adv_estimator: str = "grpo"
@@ -197,7 +213,28 @@ class AlgorithmConfig(_Section):
     """How a trajectory advantage reaches its steps: on every step."""
     filter: FilterConfig = Field(default_factory=FilterConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    loss_by_role: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    """Per-role changes to ``loss``, e.g. ``{judge: {name: importance_sampling}}``: each entry is merged
+    over ``loss`` (fields it does not name keep ``loss``'s values). See :meth:`loss_for`."""
     optim: OptimConfig = Field(default_factory=OptimConfig)
+
+    _role_losses: dict[str, LossConfig] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _build_role_losses(self) -> AlgorithmConfig:
+        self._role_losses = {}
+        for role, changes in self.loss_by_role.items():
+            try:
+                self._role_losses[role] = LossConfig.model_validate({**self.loss.model_dump(), **changes})
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                where = ".".join(str(p) for p in err["loc"])
+                raise ValueError(f"loss_by_role.{role}.{where}: {err['msg']}") from None
+        return self
+
+    def loss_for(self, role: str) -> LossConfig:
+        """The loss settings of ``role``: ``loss`` with that role's ``loss_by_role`` entry merged over it."""
+        return self._role_losses.get(role, self.loss)
 
     @field_validator("stepwise_mode", mode="before")
     @classmethod

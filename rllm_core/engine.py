@@ -16,7 +16,11 @@ from typing import Any
 
 from rllm_core.types import ModelOutput, TokenInput
 
-__all__ = ["RolloutEngine", "SamplingEngine"]
+__all__ = ["PROMPT_TOO_LONG", "RolloutEngine", "SamplingEngine"]
+
+PROMPT_TOO_LONG = "prompt_too_long"
+"""``ModelOutput.finish_reason`` of a request whose prompt leaves no room in the model's context: no
+tokens are sampled, and the workflow engine ends the episode with ``max_prompt_length``."""
 
 Messages = Sequence[Mapping[str, Any]]
 

@@ -83,8 +83,8 @@ class BackendProtocol(Protocol):
     async def on_batch_end(self, state: TrainerState) -> None: ...
     async def on_validation_start(self, state: TrainerState) -> None: ...
     async def on_validation_end(self, state: TrainerState) -> None: ...
-    def save_checkpoint(self, path: Path) -> None: ...
-    def load_checkpoint(self, path: Path) -> None: ...
+    def save_checkpoint(self, path: Path) -> Any: ...
+    def load_checkpoint(self, path: Path) -> Any: ...
     async def shutdown(self) -> None: ...
 
 
@@ -138,10 +138,18 @@ class Backend:
     async def on_validation_end(self, state: TrainerState) -> None: ...
 
     def save_checkpoint(self, path: Path) -> None:
-        """Write the backend's state (model, optimiser, ...) under ``path`` (a fresh directory)."""
+        """Write the backend's state (model, optimiser, ...) under ``path`` (a fresh directory).
+
+        Runs in a worker thread. A backend that saves over the network may define it (and
+        :meth:`load_checkpoint`) as ``async def`` instead: the trainer then awaits it on its loop.
+        """
 
     def load_checkpoint(self, path: Path) -> None:
-        """Restore what :meth:`save_checkpoint` wrote."""
+        """Restore what :meth:`save_checkpoint` wrote (may be ``async def``, as above)."""
+
+    def delete_checkpoint(self, path: Path) -> None:
+        """A checkpoint beyond ``trainer.keep_checkpoints`` is about to be removed: release what it
+        holds outside ``path`` (remote copies). Sync or ``async def``; a failure is only logged."""
 
     async def shutdown(self) -> None:
         """Release resources (threads, processes, clusters)."""

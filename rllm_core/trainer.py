@@ -33,7 +33,13 @@ import types
 from pathlib import Path
 from typing import Any
 
-from rllm_core.checkpoint import load_checkpoint, resolve_resume, rng_state, save_checkpoint
+from rllm_core.checkpoint import (
+    load_checkpoint_async,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    save_checkpoint_async,
+)
 from rllm_core.config import ConfigError, RLLMConfig, validate_plugin_sections
 from rllm_core.coordinator import Coordinator, TaskResult
 from rllm_core.data import TaskLoader, load_train_val
@@ -201,7 +207,7 @@ class UnifiedTrainer:
     async def _fit(self) -> dict[str, float]:
         self._loop = asyncio.get_running_loop()
         self._open_run()
-        self._maybe_resume()
+        await self._maybe_resume()
         main_task = asyncio.current_task()
         restore_signal = self._install_sigint(main_task)
         state = self._new_state()
@@ -289,11 +295,11 @@ class UnifiedTrainer:
 
     # -- checkpoints --------------------------------------------------------------------------
 
-    def _maybe_resume(self) -> None:
+    async def _maybe_resume(self) -> None:
         path = resolve_resume(self.config.trainer.resume, self.run_dir)
         if path is None:
             return
-        st = load_checkpoint(path, self.backend)
+        st = await load_checkpoint_async(path, self.backend)
         self.step = int(st["step"])
         # The backend loaded the trainer's weights (weight_version); the sampler may have served
         # an older version at the save (sync_every > 1). _fit pushes the loaded weights to it.
@@ -320,10 +326,16 @@ class UnifiedTrainer:
         return self._write_checkpoint(*self._checkpoint_state())
 
     async def _save_checkpoint(self) -> Path:
-        # The files are written in a thread, so async generation goes on; the training loop
-        # awaits it, so no update runs while the backend saves. The state is taken here, on the
-        # loop, so the loader position and the pending tasks agree.
-        return await asyncio.to_thread(self._write_checkpoint, *self._checkpoint_state())
+        # The files are written in threads (and a backend's async save awaited), so async
+        # generation goes on; the training loop awaits it, so no update runs while the backend
+        # saves. The state is taken here, on the loop, so the loader position and the pending
+        # tasks agree.
+        trainer_state, rng = self._checkpoint_state()
+        path = await save_checkpoint_async(
+            self.run_dir, self.step, trainer_state, self.backend, keep=self.config.trainer.keep_checkpoints, rng=rng
+        )
+        self.last_checkpoint, self._saved_step = path, trainer_state["step"]
+        return path
 
     def _checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         pending = self._coord.pending_keys() if self._coord is not None else self._pending

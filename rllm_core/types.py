@@ -241,6 +241,8 @@ class ModelOutput(BaseModel):
     weight_version: int | None = None
     """Policy version that produced this output."""
     is_validation: bool = False
+    backend_data: dict[str, Any] = Field(default_factory=dict)
+    """What the backend's service returned beside the tokens (e.g. Tinker's ``sequence_id``); kept on the step."""
 
 
 class RewardOutput(BaseModel):
@@ -279,6 +281,8 @@ class Step(BaseModel):
     weight_version: int | None = None
     """Policy version that produced ``response_ids``."""
     finish_reason: str | None = None
+    backend_data: dict[str, Any] = Field(default_factory=dict)
+    """Backend-specific per-step data from :attr:`ModelOutput.backend_data`, for a loss that needs it."""
 
     @model_validator(mode="after")
     def _check_lengths(self) -> Step:
@@ -315,6 +319,7 @@ class Step(BaseModel):
                 action=action,
                 weight_version=model_output.weight_version,
                 finish_reason=model_output.finish_reason,
+                backend_data=model_output.backend_data,
                 **fields,
             )
         if logprobs and len(logprobs) != len(completion_ids):
@@ -338,6 +343,7 @@ class Step(BaseModel):
             "advantage": None,
             "weight_version": model_output.weight_version,
             "finish_reason": model_output.finish_reason,
+            "backend_data": model_output.backend_data,
         }
         # What ``model_construct`` does, without its per-field default handling (4x faster here).
         _set = object.__setattr__
@@ -359,6 +365,7 @@ _FROM_OUTPUT_FIELDS = frozenset(
         "action",
         "weight_version",
         "finish_reason",
+        "backend_data",
     }
 )
 

@@ -35,7 +35,7 @@ import warnings
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from rllm_core.engine import RolloutEngine, SamplingEngine
+from rllm_core.engine import PROMPT_TOO_LONG, RolloutEngine, SamplingEngine
 from rllm_core.types import Episode, RewardOutput, TerminationReason, Trajectory
 
 if TYPE_CHECKING:
@@ -514,10 +514,14 @@ class WorkflowEngine:
         episode.rollout_idx = rollout_idx
         if attempt:
             episode.info["attempts"] = attempt + 1
-        if episode.termination_reason in _OPEN_ENDINGS and _cut_by_length(episode):
-            # The answer ran into max_tokens: that is what ``mask_termination_reasons:
-            # [max_response_length]`` (overlong masking) keys on.
-            episode.termination_reason = TerminationReason.MAX_RESPONSE_LENGTH
+        if episode.termination_reason in _OPEN_ENDINGS:
+            cut = _cut_by_length(episode)
+            if cut == PROMPT_TOO_LONG:  # the engine had no room left in the context for an answer
+                episode.termination_reason = TerminationReason.MAX_PROMPT_LENGTH
+            elif cut:
+                # The answer ran into max_tokens: that is what ``mask_termination_reasons:
+                # [max_response_length]`` (overlong masking) keys on.
+                episode.termination_reason = TerminationReason.MAX_RESPONSE_LENGTH
         if episode.termination_reason not in (TerminationReason.ERROR, TerminationReason.TIMEOUT):
             await self._apply_reward(task, episode)
         return episode
@@ -642,9 +646,10 @@ class WorkflowEngine:
 _OPEN_ENDINGS = (TerminationReason.UNKNOWN, TerminationReason.ENV_DONE)
 
 
-def _cut_by_length(episode: Episode) -> bool:
-    """True when the last step of some trajectory stopped at the token limit (``finish_reason: length``)."""
-    return any(t.steps and t.steps[-1].finish_reason == "length" for t in episode.trajectories)
+def _cut_by_length(episode: Episode) -> str | None:
+    """``length`` or ``prompt_too_long`` when the last step of some trajectory ended so, else None."""
+    ends = {t.steps[-1].finish_reason for t in episode.trajectories if t.steps}
+    return PROMPT_TOO_LONG if PROMPT_TOO_LONG in ends else ("length" if "length" in ends else None)
 
 
 def _reward_value(out: Any) -> tuple[float, bool]:

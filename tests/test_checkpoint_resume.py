@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -72,7 +73,7 @@ def test_resume_restores_step_version_loader_and_backend(tmp_path):
     first.fit()
     cfg2 = simulated_config(tmp_path, trainer={"resume": "auto", "epochs": 2})
     second = UnifiedTrainer(cfg2)
-    second._maybe_resume()
+    asyncio.run(second._maybe_resume())
     assert second.step == 3 and second.weight_version == 3 and second.engine.weight_version == 3
     assert second.loader.state_dict() == first.loader.state_dict()
     assert second.backend.skill == pytest.approx(first.backend.skill)

@@ -26,7 +26,6 @@ import concurrent.futures
 import copy
 import gc
 import json
-import math
 import os
 import random
 import threading
@@ -127,19 +126,15 @@ class TorchBackend(Backend):
     # -- setup ----------------------------------------------------------------------------------
 
     def _lr_lambda(self, step: int) -> float:
-        optim = self.config.algorithm.optim
-        if optim.warmup_steps and step < optim.warmup_steps:
-            return (step + 1) / optim.warmup_steps
-        if optim.schedule == "constant":
-            return 1.0
-        total = self.config.trainer.total_steps or 1
-        progress = min(1.0, (step - optim.warmup_steps) / max(1, total - optim.warmup_steps))
-        if optim.schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.config.algorithm.optim.lr_factor(step, self.config.trainer.total_steps)
 
     def validate_config(self, config: RLLMConfig) -> None:
         loss = config.algorithm.loss
+        if any(config.algorithm.loss_for(role) != loss for role in config.algorithm.loss_by_role):
+            raise ConfigError(
+                "algorithm.loss_by_role: the torch backend trains every role with algorithm.loss; "
+                "per-role losses are supported by the tinker backend"
+            )
         if loss.name not in LOSSES:
             raise ConfigError(f"algorithm.loss.name: the torch backend supports {', '.join(LOSSES)}; got {loss.name!r}")
         sampling = config.rollout.train_sampling
