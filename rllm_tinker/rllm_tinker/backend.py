@@ -383,9 +383,6 @@ class TinkerBackend(Backend):
         sampler = await self.training.save_weights_and_get_sampling_client()
         self.engine.set_sampling_client(sampler, version)
 
-    async def on_batch_end(self, state: TrainerState) -> None:
-        state.metrics.update(self.engine.pop_counters())
-
     # -- checkpoints ----------------------------------------------------------------------------
 
     async def save_checkpoint(self, path: Path) -> None:

@@ -147,7 +147,6 @@ class TinkerRolloutEngine(RolloutEngine):
         self.renderer: Any = None
         self.tokenizer: Any = None
         self.stop: list[Any] = []
-        self.counters: dict[str, float] = {}
         self._prompt_cache: dict[tuple, tinker.ModelInput] = {}
         self.reference_factory: Any = None
         """Set by the backend: an async callable returning a sampler of the current weights."""
@@ -210,7 +209,7 @@ class TinkerRolloutEngine(RolloutEngine):
         prompt_ids = _prompt_positions(prompt)
         params = sampling_params(sampling, prompt.length, self.context_window, self.stop)
         if params is None:
-            self._count("tinker/prompt_too_long")
+            self.count("tinker/prompt_too_long")
             return ModelOutput(prompt_ids=prompt_ids, finish_reason=PROMPT_TOO_LONG, weight_version=version)
         response = await client.sample(prompt, num_samples=1, sampling_params=params)
         seq = response.sequences[0]
@@ -219,10 +218,10 @@ class TinkerRolloutEngine(RolloutEngine):
         content, reasoning = _split_content(message.get("content"))
         finish = "length" if seq.stop_reason == "length" else "stop"
         if finish == "stop" and not termination.is_clean:
-            self._count("tinker/malformed_responses")
+            self.count("tinker/malformed_responses")
         unparsed = message.get("unparsed_tool_calls") or []
         if unparsed:
-            self._count("tinker/malformed_tool_calls", len(unparsed))
+            self.count("tinker/malformed_tool_calls", len(unparsed))
         return ModelOutput(
             text=self.tokenizer.decode(tokens),
             content=content,
@@ -255,13 +254,6 @@ class TinkerRolloutEngine(RolloutEngine):
         if self.reference_factory is None:
             raise RuntimeError("the tinker engine has no training client to snapshot yet")
         self.reference_client = await self.reference_factory()
-
-    def _count(self, key: str, n: float = 1.0) -> None:
-        self.counters[key] = self.counters.get(key, 0.0) + n
-
-    def pop_counters(self) -> dict[str, float]:
-        out, self.counters = self.counters, {}
-        return out
 
 
 def _prompt_positions(prompt: tinker.ModelInput) -> list[Any]:
