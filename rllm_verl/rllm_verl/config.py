@@ -1,0 +1,209 @@
+"""verl's own config (its Hydra ``ppo_trainer`` defaults), with the core's algorithm settings applied.
+
+:class:`VerlConfig` holds what rllm-verl adds (model, placement, micro-batches, raw overrides).
+:func:`compose_verl_config` composes verl's defaults and applies, in order: the engine settings
+(FSDP2, fp32 mixed precision, no gradient checkpointing, no torch.compile, packed sequences), the
+core's algorithm (:func:`algorithm_overrides`), then ``VerlConfig.overrides`` verbatim, so a
+user can reach any verl key.
+
+Both of the core's policy losses are verl's ``vanilla`` PPO loss, exactly (ratio = exp(clamp(logp - old, ±20))):
+
+* ``ppo``: ``clip_ratio_low = clip_low``, ``clip_ratio_high = clip_high``; dual clip at
+  ``clip_ratio_c`` when set, else at :data:`NO_CLIP` (never reached: the ratio is at most e^20).
+* ``importance_sampling`` (``-ratio * A``, no clip): the same loss with ``clip_ratio_low = 1``
+  (the ratio's floor becomes 0, which a ratio never is below) and the upper and dual clips at
+  :data:`NO_CLIP`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rllm_core.config import AlgorithmConfig, LossConfig
+from rllm_verl.dataproto import loss_agg_settings
+
+if TYPE_CHECKING:  # pragma: no cover
+    from omegaconf import DictConfig
+
+__all__ = [
+    "NO_CLIP",
+    "VerlConfig",
+    "actor_config",
+    "actor_loss_settings",
+    "algorithm_overrides",
+    "compose_verl_config",
+]
+
+NO_CLIP = 1.0e9
+"""A clip bound no ratio reaches: verl clamps the log-ratio to 20, so the ratio is below 4.9e8."""
+
+VERL_LOG_RATIO_CLAMP = 20.0
+"""verl's vanilla loss clamps ``logp - old`` to ``[-20, 20]`` (not configurable)."""
+
+
+class VerlConfig(BaseModel):
+    """rllm-verl's settings (section ``verl:``)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    model_path: str
+    """A local Hugging Face model directory (weights, tokenizer); verl loads it in every worker."""
+    device: Literal["cpu", "cuda"] = "cuda"
+    """``cpu``: verl's engines on CPU through rllm-verl's CPU platform (gloo, fp32), as in CI."""
+    world_size: int = Field(2, ge=1)
+    """Training ranks (one process each; FSDP over all of them, data parallel)."""
+    strategy: Literal["fsdp2", "fsdp"] = "fsdp2"
+    param_dtype: Literal["fp32", "bf16"] = "fp32"
+    """FSDP mixed-precision compute dtype (reductions and buffers stay fp32)."""
+    attn_implementation: str = "sdpa"
+    max_tokens_per_micro_batch: int = Field(16384, ge=1)
+    """Token budget of one forward/backward on one rank, for updates and log-probs (verl's dynamic
+    batch size: rows are packed into micro-batches up to this many tokens; a longer row runs alone)."""
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    ray_address: str | None = None
+    """Join an existing Ray cluster; None: start a local one (and stop it on shutdown)."""
+    ray_num_cpus: int | None = None
+    """CPUs of a local Ray cluster; None: Ray's default."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Extra environment variables for every Ray worker."""
+    overrides: list[str] = Field(default_factory=list)
+    """Hydra overrides of verl's ``ppo_trainer`` config, applied last (``actor_rollout_ref.actor.x=y``)."""
+
+
+def _hydra(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_hydra(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_hydra(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def actor_loss_settings(loss: LossConfig, loss_scale_factor: float | None = None) -> dict[str, Any]:
+    """verl actor keys for ``loss`` (see the module docstring); ``loss_scale_factor`` is the core's
+    resolved one (``RLLMConfig.loss_scale_factor()``), used by ``seq-mean-token-sum-norm`` only."""
+    unsupported = []
+    if loss.kl_coef > 0:
+        unsupported.append("kl_coef > 0 (needs the reference worker)")
+    if loss.tis_cap is not None:
+        unsupported.append("tis_cap (rollout correction)")
+    if loss.max_log_ratio != VERL_LOG_RATIO_CLAMP:
+        unsupported.append(f"max_log_ratio != {VERL_LOG_RATIO_CLAMP:g} (verl clamps the log-ratio at 20)")
+    if loss.loss_fn_config:
+        unsupported.append("loss_fn_config")
+    if unsupported:
+        raise NotImplementedError(f"algorithm.loss: not supported by rllm-verl yet: {'; '.join(unsupported)}")
+    if loss.name == "ppo":
+        clips = {
+            "clip_ratio_low": loss.clip_low,
+            "clip_ratio_high": loss.clip_high,
+            "clip_ratio_c": loss.clip_ratio_c if loss.clip_ratio_c is not None else NO_CLIP,
+        }
+    elif loss.name == "importance_sampling":
+        clips = {"clip_ratio_low": 1.0, "clip_ratio_high": NO_CLIP, "clip_ratio_c": NO_CLIP}
+    else:
+        raise ValueError(f"algorithm.loss.name: {loss.name!r} is not a verl loss; one of importance_sampling, ppo")
+    return {
+        **clips,
+        "clip_ratio": clips["clip_ratio_low"],
+        "policy_loss": {"loss_mode": "vanilla"},
+        **loss_agg_settings(loss.agg_mode, loss_scale_factor),
+        "entropy_coeff": 0.0,
+        "use_kl_loss": False,
+    }
+
+
+def algorithm_overrides(algorithm: AlgorithmConfig, loss_scale_factor: float | None = None) -> list[str]:
+    """Hydra overrides of ``actor_rollout_ref.actor`` for the core's loss and optimiser."""
+    if algorithm.loss_by_role:
+        raise NotImplementedError("algorithm.loss_by_role: rllm-verl applies one loss to every role (for now)")
+    optim = algorithm.optim
+    if optim.schedule != "constant" or optim.warmup_steps:
+        # verl steps its scheduler once per update_actor call; mini-batches are separate calls
+        raise NotImplementedError(
+            "algorithm.optim: rllm-verl supports schedule: constant with warmup_steps: 0 only (for now)"
+        )
+    out = []
+    for key, value in actor_loss_settings(algorithm.loss, loss_scale_factor).items():
+        if isinstance(value, dict):
+            out.extend(f"actor_rollout_ref.actor.{key}.{k}={_hydra(v)}" for k, v in value.items())
+        else:
+            out.append(f"actor_rollout_ref.actor.{key}={_hydra(value)}")
+    prefix = "actor_rollout_ref.actor.optim"
+    out += [
+        f"{prefix}.lr={optim.lr}",
+        f"{prefix}.weight_decay={optim.weight_decay}",
+        f"{prefix}.betas={_hydra(list(optim.betas))}",
+        f"{prefix}.clip_grad={optim.grad_clip if optim.grad_clip is not None else NO_CLIP}",
+        f"{prefix}.lr_scheduler_type=constant",
+        f"{prefix}.lr_warmup_steps=0",
+    ]
+    return out
+
+
+def engine_overrides(cfg: VerlConfig) -> list[str]:
+    """verl's engine settings for ``cfg``: FSDP on every rank, packed sequences, fixed micro-batches."""
+    mp = _hydra({"param_dtype": cfg.param_dtype, "reduce_dtype": "fp32", "buffer_dtype": "fp32"})
+    arr = "actor_rollout_ref"
+    out = [
+        f"{arr}.model.path={cfg.model_path}",
+        f"{arr}.model.use_remove_padding=true",
+        f"{arr}.model.enable_gradient_checkpointing={_hydra(cfg.gradient_checkpointing)}",
+        f"+{arr}.model.override_config.attn_implementation={cfg.attn_implementation}",
+        f"{arr}.actor.strategy={cfg.strategy}",
+        f"{arr}.actor.use_torch_compile=false",
+        f"{arr}.actor.use_dynamic_bsz=true",
+        f"{arr}.actor.ppo_max_token_len_per_gpu={cfg.max_tokens_per_micro_batch}",
+        f"{arr}.rollout.log_prob_max_token_len_per_gpu={cfg.max_tokens_per_micro_batch}",
+        f"{arr}.ref.log_prob_max_token_len_per_gpu={cfg.max_tokens_per_micro_batch}",
+        f"trainer.n_gpus_per_node={cfg.world_size}",
+        "trainer.nnodes=1",
+        f"trainer.device={cfg.device}",
+    ]
+    for role in ("actor", "ref"):
+        out += [
+            f"{arr}.{role}.fsdp_config.strategy={cfg.strategy}",
+            f"{arr}.{role}.fsdp_config.model_dtype=fp32",
+            f"{arr}.{role}.fsdp_config.use_torch_compile=false",
+            f"{arr}.{role}.fsdp_config.seed={cfg.seed}",
+            f"+{arr}.{role}.fsdp_config.mixed_precision={mp}",
+        ]
+    return out
+
+
+def compose_verl_config(
+    cfg: VerlConfig, algorithm: AlgorithmConfig, loss_scale_factor: float | None = None
+) -> DictConfig:
+    """verl's ``ppo_trainer`` config with :func:`engine_overrides`, :func:`algorithm_overrides`, then
+    ``cfg.overrides``. Raises with verl's own message when an override names no verl key."""
+    import verl
+    from hydra import compose, initialize_config_dir
+
+    config_dir = str(Path(verl.__file__).parent / "trainer" / "config")
+    overrides = [*engine_overrides(cfg), *algorithm_overrides(algorithm, loss_scale_factor), *cfg.overrides]
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose(config_name="ppo_trainer", overrides=overrides)
+
+
+def actor_config(verl_config: DictConfig, loss: LossConfig, loss_scale_factor: float | None = None) -> Any:
+    """verl's actor config dataclass (what its ``ppo_loss`` reads) from a composed config, with
+    ``loss`` applied (:func:`actor_loss_settings`)."""
+    from omegaconf import OmegaConf, open_dict
+    from verl.utils.config import omega_conf_to_dataclass
+
+    actor = OmegaConf.create(OmegaConf.to_container(verl_config.actor_rollout_ref.actor, resolve=True))
+    with open_dict(actor):
+        for key, value in actor_loss_settings(loss, loss_scale_factor).items():
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    actor[key][k] = v
+            else:
+                actor[key] = value
+    return omega_conf_to_dataclass(actor)

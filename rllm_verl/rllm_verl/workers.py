@@ -1,0 +1,251 @@
+"""verl's engine workers on Ray, driven from the trainer's process with token rows.
+
+:class:`VerlWorkers` starts (or joins) a Ray cluster, places ``world_size`` workers (verl's
+``ActorRolloutRefWorker`` in role ``actor``: FSDP over all ranks, AdamW, verl's PPO loss) and
+talks to them the way verl's own trainer does: ``DataProto.to_tensordict()`` →
+``left_right_2_no_padding`` → worker → ``no_padding_2_padding``. Every call is blocking; call
+them from a thread when an event loop must keep running.
+
+* :meth:`VerlWorkers.compute_log_prob`: the current policy's log-probs of the rows' tokens.
+* :meth:`VerlWorkers.update_actor`: one training step: ``epochs`` passes over the rows shuffled
+  into mini-batches of ``algorithm.optim.mini_batch_size`` (seeded by the step, as the torch
+  backend), one optimiser step each. Each mini-batch is one ``update_actor`` call, so its
+  ``global_batch_size`` (the seq-mean normaliser) counts that mini-batch's rows exactly, as the
+  core's ``TokenRows.loss_weights(rows=...)`` does.
+* :meth:`VerlWorkers.evaluate_loss`: verl's loss on the rows with the current weights, no update.
+* :meth:`VerlWorkers.set_loss`: a new loss (clip ranges, aggregation) for the following calls.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from rllm_core.config import AlgorithmConfig, LossConfig
+from rllm_verl import compat
+from rllm_verl.config import VerlConfig, actor_config, compose_verl_config
+from rllm_verl.dataproto import response_values_to_rows, rows_to_dataproto
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rllm_core.rows import TokenRows
+
+__all__ = ["VerlWorkers", "mini_batches"]
+
+
+def mini_batches(n_rows: int, step: int, seed: int, mini_batch_size: int | None, epochs: int) -> list[list[int]]:
+    """``epochs`` passes over the rows, each shuffled (seeded by ``seed`` and ``step``) into
+    mini-batches of ``mini_batch_size`` (the last may be smaller); one batch when it holds them all."""
+    size = mini_batch_size or n_rows
+    if size >= n_rows and epochs == 1:
+        return [list(range(n_rows))]
+    rng = np.random.default_rng([seed, step])
+    out = []
+    for _ in range(epochs):
+        order = rng.permutation(n_rows).tolist()
+        out.extend(order[i : i + size] for i in range(0, n_rows, size))
+    return out
+
+
+def _mean(value: Any) -> float:
+    from verl.utils.metric import Metric
+
+    if isinstance(value, list) and value and isinstance(value[0], Metric):
+        return float(Metric.aggregate_dp(value))
+    if isinstance(value, Metric):
+        return float(value.aggregate())
+    if isinstance(value, list):
+        return float(np.mean([_mean(v) for v in value]))
+    return float(value)
+
+
+class VerlWorkers:
+    """The actor's engine workers (see the module docstring); :meth:`shutdown` releases them."""
+
+    def __init__(
+        self,
+        cfg: VerlConfig,
+        algorithm: AlgorithmConfig | None = None,
+        *,
+        loss_scale_factor: float | None = None,
+        temperature: float = 1.0,
+    ) -> None:
+        import ray
+        from transformers import AutoTokenizer
+        from verl.single_controller.ray import RayClassWithInitArgs, RayResourcePool, RayWorkerGroup
+
+        from rllm_verl._worker import RLLMActorRolloutRefWorker
+
+        compat.check_verl_version()
+        self.cfg = cfg
+        self.algorithm = algorithm or AlgorithmConfig()
+        self.loss = self.algorithm.loss
+        """The loss the workers apply (the algorithm's, until :meth:`set_loss`)."""
+        self.temperature = float(temperature)
+        self.loss_scale_factor = loss_scale_factor
+        self.verl_config = compose_verl_config(cfg, self.algorithm, loss_scale_factor)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model_path, local_files_only=True)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.timings: dict[str, float] = {}
+
+        env = {"TOKENIZERS_PARALLELISM": "false", **cfg.env}
+        if cfg.device == "cpu":
+            compat.use_cpu_platform()
+            env["VERL_PLATFORM"] = compat.CPU_PLATFORM
+        start = time.perf_counter()
+        self._closed = False
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            local = cfg.ray_address is None
+            ray.init(
+                address=cfg.ray_address,
+                num_cpus=cfg.ray_num_cpus if local else None,
+                include_dashboard=False,
+                runtime_env={"env_vars": env},
+            )
+        self.timings["ray_start_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        self._pool: Any = None
+        self.group: Any = None
+        try:
+            # one process per bundle; max_colocate_count=1, else each bundle asks for 10 CPUs
+            self._pool = RayResourcePool([cfg.world_size], use_gpu=cfg.device != "cpu", max_colocate_count=1)
+            worker = RayClassWithInitArgs(
+                cls=ray.remote(RLLMActorRolloutRefWorker), config=self.verl_config.actor_rollout_ref, role="actor"
+            )
+            self.group = RayWorkerGroup(
+                resource_pool=self._pool, ray_cls_with_init=worker, device_name=cfg.device, worker_env=env
+            )
+            self.group.init_model()
+        except BaseException:
+            self.shutdown()
+            raise
+        self.timings["init_model_s"] = time.perf_counter() - start
+
+    @property
+    def world_size(self) -> int:
+        return self.group.world_size
+
+    # -- loss ----------------------------------------------------------------------------------
+
+    def set_loss(self, loss: LossConfig, loss_scale_factor: float | None = None) -> None:
+        """Use ``loss`` (clip ranges, aggregation) in the following updates: verl's ``ppo_loss``
+        with :func:`~rllm_verl.config.actor_config`."""
+        from verl.workers.utils.losses import ppo_loss
+
+        actor = actor_config(self.verl_config, loss, loss_scale_factor)
+        self.group.set_loss_fn(partial(ppo_loss, config=actor))
+        self.loss = loss
+        self.loss_scale_factor = loss_scale_factor
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    def _batch(self, rows: TokenRows, indices: Sequence[int] | None, old_logprobs: np.ndarray | None) -> Any:
+        from verl.workers.utils.padding import left_right_2_no_padding
+
+        proto = rows_to_dataproto(
+            rows,
+            pad_id=self.pad_id,
+            dp_size=self.world_size,
+            old_logprobs=old_logprobs,
+            indices=indices,
+            temperature=self.temperature,
+        )
+        return proto, left_right_2_no_padding(proto.to_tensordict())
+
+    def compute_log_prob(self, rows: TokenRows, indices: Sequence[int] | None = None) -> np.ndarray:
+        """The current policy's log-probs (at the sampling temperature), ``(T,)`` like
+        ``rows.logprobs``: set on every response position (actions and observations), 0 elsewhere."""
+        from verl.utils import tensordict_utils as tu
+        from verl.workers.utils.padding import no_padding_2_padding
+
+        proto, td = self._batch(rows, indices, None)
+        tu.assign_non_tensor(td, calculate_entropy=False, compute_loss=False)
+        out = self.group.compute_log_prob(td)
+        log_probs = no_padding_2_padding(tu.get(out, "log_probs"), td)
+        return response_values_to_rows(log_probs[: proto.meta_info["num_rows"]], rows, indices)
+
+    def evaluate_loss(self, rows: TokenRows, old_logprobs: np.ndarray | None = None) -> dict[str, float]:
+        """verl's loss on all ``rows`` with the current weights, without updating them (forward only,
+        the same loss function and global normalisers as an update on these rows)."""
+        from verl.utils import tensordict_utils as tu
+
+        _, td = self._batch(rows, None, self._old(rows, old_logprobs))
+        tu.assign_non_tensor(td, calculate_entropy=False, compute_loss=True)
+        metrics = tu.get(self.group.compute_log_prob(td), "metrics")
+        return {k: _mean(v) for k, v in metrics.items() if k.startswith("actor/") or k == "loss"}
+
+    def _old(self, rows: TokenRows, old_logprobs: np.ndarray | None) -> np.ndarray:
+        old = rows.logprobs if old_logprobs is None else np.asarray(old_logprobs, dtype=np.float64)
+        if self.loss.old_logprobs == "recompute" or np.isnan(old[rows.loss_mask]).any():
+            old = self.compute_log_prob(rows)
+        return old
+
+    def update_actor(
+        self, rows: TokenRows, *, step: int = 0, old_logprobs: np.ndarray | None = None
+    ) -> dict[str, float]:
+        """One training step on ``rows`` (module docstring); verl's metrics averaged over its optimiser
+        steps. ``old_logprobs``: what the ratio divides by (default: the sampling logprobs; recomputed
+        when ``algorithm.loss.old_logprobs`` is ``recompute`` or some are unknown)."""
+        from verl.utils import tensordict_utils as tu
+
+        start = time.perf_counter()
+        old = self._old(rows, old_logprobs)
+        optim = self.algorithm.optim
+        sums: dict[str, list[float]] = {}
+        parts = mini_batches(len(rows), step, self.cfg.seed, optim.mini_batch_size, optim.epochs)
+        for part in parts:
+            proto, td = self._batch(rows, part, old)
+            tu.assign_non_tensor(
+                td,
+                mini_batch_size=len(proto),
+                epochs=1,
+                seed=self.cfg.seed,
+                dataloader_kwargs={"shuffle": False},
+                calculate_entropy=False,
+                compute_loss=True,
+            )
+            metrics = tu.get(self.group.update_actor(td), "metrics")
+            for key, value in metrics.items():
+                sums.setdefault(key, []).append(_mean(value))
+        out = {(k if k.startswith(("actor/", "perf/")) else f"actor/{k}"): float(np.mean(v)) for k, v in sums.items()}
+        out["actor/optimizer_steps"] = float(len(parts))
+        out["actor/num_seqs"] = float(len(rows))
+        out["actor/num_tokens"] = float(rows.num_action_tokens)
+        out["actor/update_s"] = time.perf_counter() - start
+        return out
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: str, step: int = 0) -> None:
+        """verl's checkpoint of the actor (model, optimiser, extra: per-rank files) under ``path``."""
+        self.group.save_checkpoint(local_path=str(path), global_step=step)
+
+    def load_checkpoint(self, path: str) -> None:
+        self.group.load_checkpoint(local_path=str(path))
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop the workers, free their placement group, and stop Ray if this object started it."""
+        import ray
+
+        if self._closed or not ray.is_initialized():
+            return
+        self._closed = True
+        for handle in (self.group.workers if self.group is not None else []) or []:
+            ray.kill(handle)
+        for pg in (self._pool.pgs if self._pool is not None else None) or []:
+            ray.util.remove_placement_group(pg)
+        if self._owns_ray:
+            ray.shutdown()
+
+    def __enter__(self) -> VerlWorkers:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
