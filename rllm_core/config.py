@@ -96,6 +96,13 @@ class RolloutConfig(_Section):
     """Sampling arguments bound into the engine workflows get in training (a per-call argument wins)."""
     val_sampling: dict[str, Any] = Field(default_factory=lambda: {"temperature": 0.0})
     """Sampling arguments for validation rollouts."""
+    tool_parser: str | None = None
+    """Registered tool-call parser (``hermes``, ``llama3_json``, ``tiny``, or a plugin's) that splits each
+    completion into content and OpenAI-format ``tool_calls``; None: no parsing (``get_model_response``
+    with ``tools`` then refuses). See docs/agents.md."""
+    reasoning_parser: str | None = None
+    """Registered reasoning parser (``think``: ``<think>...</think>``) that moves reasoning out of the
+    content into ``ModelOutput.reasoning``; None: no parsing."""
 
 
 class FilterConfig(_Section):
@@ -389,7 +396,8 @@ def validate_plugin_sections(config: RLLMConfig, registry: Any | None = None) ->
     registered with ``auto=False``, such as the simulated test backend); the backend, hooks,
     loggers and estimators must be registered (hooks and loggers may be ``module:attr``);
     ``workflow.name`` and ``reward.name`` must resolve to a workflow / a callable that accepts
-    ``workflow.args`` / ``reward.args``; the backend's section and each hook's and logger's
+    ``workflow.args`` / ``reward.args``; ``rollout.tool_parser`` and ``rollout.reasoning_parser`` must
+    name registered parsers that build; the backend's section and each hook's and logger's
     settings are validated with the pydantic model the plugin registered (defaults filled in).
     Every problem is reported at once, in one ``ConfigError``, by its field. A top-level key
     that is neither a core section nor a plugin's name (a misspelt ``trainr:`` would otherwise
@@ -398,6 +406,7 @@ def validate_plugin_sections(config: RLLMConfig, registry: Any | None = None) ->
     Validated models are kept on the config (``config.plugin_config(name)``), also those that
     validated when another part did not.
     """
+    from rllm_core.parsers import build_parser
     from rllm_core.plugins import UnknownPluginError, get_registry
     from rllm_core.workflows import resolve_reward, resolve_workflow
 
@@ -444,6 +453,10 @@ def validate_plugin_sections(config: RLLMConfig, registry: Any | None = None) ->
         check("workflow.name", resolve_workflow, config.workflow.name, config.workflow.args)
     if config.reward.name is not None:
         check("reward.name", resolve_reward, config.reward.name, config.reward.args)
+    for kind in ("tool_parser", "reasoning_parser"):
+        name = getattr(config.rollout, kind)
+        if name is not None:
+            check(f"rollout.{kind}", build_parser, kind, name, registry)
     if problems:
         if listed or len(problems) > 1:
             raise ConfigError(_HEADER + "\n".join(f"  {p}" for p in problems))
@@ -534,8 +547,12 @@ def load_config(
             merged = OmegaConf.merge(merged, part)
         raw = OmegaConf.to_container(merged, resolve=True)
     except (OmegaConfBaseException, TypeError) as exc:
-        # omegaconf raises a bare TypeError when a mapping meets a list at the same key.
-        raise ConfigError(f"config: {exc}") from None
+        # A mapping meeting a list at the same key: omegaconf 2.3.0 raises a bare TypeError, 2.3.1
+        # a ConfigTypeError ("Cannot merge DictConfig with ListConfig"); say it in our words too.
+        text = str(exc)
+        if "DictConfig with ListConfig" in text or "ListConfig with DictConfig" in text or isinstance(exc, TypeError):
+            text = f"incompatible values for one key: a mapping in one source, a list in another ({text.strip()})"
+        raise ConfigError(f"config: {text}") from None
     try:
         config = RLLMConfig.model_validate(raw)
     except ValidationError as exc:

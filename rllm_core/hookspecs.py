@@ -65,6 +65,26 @@ def register_hooks(register: Any) -> None:
     """
 
 
+@hookspec
+def register_tool_parsers(register: Any) -> None:
+    """Register tool-call parsers: ``register(name, parser_cls)``.
+
+    ``parser_cls()`` returns an object with ``parse(text) -> ParsedCompletion`` that splits a
+    completion into content and OpenAI-format tool calls (see ``rllm_core.parsers``); selected by
+    ``rollout.tool_parser``.
+    """
+
+
+@hookspec
+def register_reasoning_parsers(register: Any) -> None:
+    """Register reasoning parsers: ``register(name, parser_cls)``.
+
+    ``parser_cls()`` returns an object with ``parse(text) -> ParsedCompletion`` that splits a
+    completion into reasoning and content (see ``rllm_core.parsers``); selected by
+    ``rollout.reasoning_parser``.
+    """
+
+
 # ---------------------------------------------------------------------------------------------
 # Trainer hooks
 
@@ -134,6 +154,8 @@ REGISTRATION_HOOKS = {
     "workflow": "register_workflows",
     "estimator": "register_advantage_estimators",
     "hook": "register_hooks",
+    "tool_parser": "register_tool_parsers",
+    "reasoning_parser": "register_reasoning_parsers",
 }
 
 TRAINER_HOOKS = (

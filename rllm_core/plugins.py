@@ -54,6 +54,7 @@ BUILTINS: dict[str, str] = {
     "rllm.grouping": "rllm_core.builtins.grouping",
     "rllm.loggers": "rllm_core.builtins.loggers",
     "rllm.opsd": "rllm_core.builtins.opsd",
+    "rllm.parsers": "rllm_core.builtins.parsers",
     "rllm.testing": "rllm_core.builtins.testing",
 }
 
@@ -286,7 +287,7 @@ def get_plugin_manager() -> pluggy.PluginManager:
 
 
 def get_registry() -> Registry:
-    """The process-wide registry of backends, rewards, loggers, workflows, estimators and hooks."""
+    """The process-wide registry of backends, rewards, loggers, workflows, estimators, hooks and parsers."""
     return _MANAGER.get_registry()
 
 
@@ -317,7 +318,8 @@ def registered(plugin: Any, name: str | None = None) -> Iterator[Registry]:
 
 
 class Registry:
-    """Named things by kind: ``backend``, ``reward``, ``logger``, ``workflow``, ``estimator``, ``hook``."""
+    """Named things by kind: ``backend``, ``reward``, ``logger``, ``workflow``, ``estimator``, ``hook``,
+    ``tool_parser``, ``reasoning_parser``."""
 
     KINDS = tuple(REGISTRATION_HOOKS)
 

@@ -13,6 +13,7 @@ the history.
 
 from __future__ import annotations
 
+import copy
 import enum
 import itertools
 import weakref
@@ -231,18 +232,37 @@ class ModelOutput(BaseModel):
     content: str = ""
     """The completion without reasoning or tool-call markup."""
     reasoning: str | None = None
+    """Reasoning the reasoning parser took out of the text (``rollout.reasoning_parser``)."""
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    """OpenAI-format tool calls the tool parser read (``rollout.tool_parser``; see ``rllm_core.parsers``)."""
+    tool_call_errors: list[str] = Field(default_factory=list)
+    """What is wrong with each tool call that could not be read; the call's raw text stays in ``content``."""
     prompt_ids: list[Any] = Field(default_factory=list)
     completion_ids: list[int] = Field(default_factory=list)
     logprobs: list[float] | None = None
     """Per-token logprobs of ``completion_ids`` under the sampling policy."""
     finish_reason: str | None = None
-    """``stop``, ``length`` or engine specific."""
+    """``stop``, ``length``, ``tool_calls`` (stopped after parsed tool calls), ``malformed_tool_call``
+    (stopped, but a tool call could not be read), ``prompt_too_long`` or engine specific."""
     weight_version: int | None = None
     """Policy version that produced this output."""
     is_validation: bool = False
     backend_data: dict[str, Any] = Field(default_factory=dict)
     """What the backend's service returned beside the tokens (e.g. Tinker's ``sequence_id``); kept on the step."""
+
+    def assistant_message(self) -> dict[str, Any]:
+        """This response as the assistant message to append to the conversation (OpenAI format).
+
+        ``content`` plus ``tool_calls`` when there are any and ``reasoning_content`` when there is
+        reasoning. An engine that continues conversations token-exactly (the torch engine)
+        recognises this message, and also ``{"role": "assistant", "content": text}``.
+        """
+        message: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = copy.deepcopy(self.tool_calls)
+        if self.reasoning is not None:
+            message["reasoning_content"] = self.reasoning
+        return message
 
 
 class RewardOutput(BaseModel):

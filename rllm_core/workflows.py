@@ -533,7 +533,13 @@ class WorkflowEngine:
         return str(id(task))  # only for tasks that bypassed the data loader, which always sets it
 
     def pop_counters(self) -> dict[str, float]:
+        """Event counts since the last call: the workflow engine's and the rollout engine's (tool calls,
+        multi-turn continuations)."""
         counters, self.counters = self.counters, {}
+        pop_engine = getattr(self.engine, "pop_counters", None)
+        if pop_engine is not None:
+            for key, value in pop_engine().items():
+                counters[key] = counters.get(key, 0.0) + value
         if self._rewards is not None and self._rewards.stuck:
             # Not an event count: how many reward threads are still inside calls that timed out.
             counters["reward/stuck_threads"] = float(self._rewards.stuck)

@@ -134,3 +134,71 @@ def test_token_in_token_out_when_supported_is_stamped_and_uses_bound_sampling():
 def test_optional_capabilities_say_which_engine_lacks_them(call, match):
     with pytest.raises(NotImplementedError, match=f"EchoEngine {match}"):
         asyncio.run(call(SamplingEngine(EchoEngine())))
+
+
+# -- tools --------------------------------------------------------------------------------------
+
+TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}]
+
+
+class ToolEngine(RolloutEngine):
+    """Answers with a tiny-format call; records what ``_generate`` received."""
+
+    supports_tools = True
+
+    def __init__(self, text: str = "<tool_call> add <arg> a 1 </tool_call>", **kwargs):
+        super().__init__(**kwargs)
+        self.text = text
+        self.calls: list[dict] = []
+
+    async def _generate(self, messages, **sampling):
+        self.calls.append(sampling)
+        return self.parse(ModelOutput(text=self.text, content=self.text, finish_reason="stop"))
+
+    async def encode_messages(self, messages, add_generation_prompt=True, *, tools=None):
+        return [len(tools or [])]
+
+
+def tiny_parser():
+    from rllm_core.parsers import build_parser
+
+    return build_parser("tool_parser", "tiny")
+
+
+def test_tools_reach_the_engine_only_when_given():
+    engine = ToolEngine(tool_parser=tiny_parser())
+    bound = SamplingEngine(engine, {"temperature": 0.5})
+    asyncio.run(bound.get_model_response(MSGS, tools=TOOLS))
+    asyncio.run(bound.get_model_response(MSGS))
+    assert engine.calls == [{"tools": TOOLS, "temperature": 0.5}, {"temperature": 0.5}]
+    assert bound.supports_tools
+    assert asyncio.run(bound.encode_messages(MSGS, tools=TOOLS)) == [1]
+
+
+def test_tools_are_refused_by_an_engine_that_does_not_support_them():
+    with pytest.raises(NotImplementedError, match="EchoEngine does not support tools"):
+        asyncio.run(SamplingEngine(EchoEngine()).get_model_response(MSGS, tools=TOOLS))
+
+
+def test_tools_without_a_tool_parser_are_refused_naming_the_config_field():
+    with pytest.raises(ValueError, match=r"rollout\.tool_parser"):
+        asyncio.run(ToolEngine().get_model_response(MSGS, tools=TOOLS))
+
+
+def test_parsed_and_malformed_tool_calls_are_counted():
+    good = ToolEngine(tool_parser=tiny_parser())
+    out = asyncio.run(good.get_model_response(MSGS, tools=TOOLS))
+    assert out.finish_reason == "tool_calls" and good.pop_counters() == {"engine/tool_calls": 1.0}
+    assert good.pop_counters() == {}  # drained
+    bad = ToolEngine("<tool_call> add <arg> a </tool_call> <tool_call> x </tool_call>", tool_parser=tiny_parser())
+    out = asyncio.run(bad.get_model_response(MSGS, tools=TOOLS))
+    assert out.finish_reason == "malformed_tool_call"
+    assert bad.pop_counters() == {"engine/tool_calls": 1.0, "engine/tool_calls/malformed": 1.0}
+
+
+def test_an_engine_written_before_tools_still_encodes_through_the_sampling_engine():
+    class OldEngine(EchoEngine):
+        async def encode_messages(self, messages, add_generation_prompt=True):  # no tools argument
+            return [7]
+
+    assert asyncio.run(SamplingEngine(OldEngine()).encode_messages(MSGS)) == [7]

@@ -133,6 +133,14 @@ def test_each_registration_hook_registers_its_kind():
         def register_hooks(self, register):
             register("x_hook", objs["hook"])
 
+        @hookimpl
+        def register_tool_parsers(self, register):
+            register("x_tool_parser", objs["tool_parser"])
+
+        @hookimpl
+        def register_reasoning_parsers(self, register):
+            register("x_reasoning_parser", objs["reasoning_parser"])
+
     with registered(Everything(), name="t_everything") as registry:
         for kind, obj in objs.items():
             reg = registry.get(kind, f"x_{kind}")
@@ -221,11 +229,39 @@ def test_installed_plugin_is_found_through_its_entry_point(installed):
     infos = infos_by_name()
     good = infos["good"]
     assert (good.dist, good.version, good.builtin) == ("rllm-good-plugin", "1.2.3", False)
-    assert good.registers == {"backend": ["good", "good_export"], "reward": ["good_reward"], "hook": ["good_hook"]}
+    assert good.registers == {
+        "backend": ["good", "good_export"],
+        "reward": ["good_reward"],
+        "hook": ["good_hook"],
+        "tool_parser": ["good_tool_parser"],
+    }
     assert good.errors == []
     registry = get_registry()
     assert registry.resolve("backend", "good").__module__ == "rllm_good_plugin"
     assert registry.resolve("reward", "good_reward")({"answer": 3}, 3) == 1.0
+
+
+def test_an_installed_tool_parser_is_selected_by_config_and_used_by_an_engine(installed):
+    import asyncio
+
+    from rllm_core.config import load_config
+    from rllm_core.engine import RolloutEngine
+    from rllm_core.parsers import build_parser
+    from rllm_core.types import ModelOutput
+
+    config = load_config(
+        {"backend": "simulated", "rollout": {"tool_parser": "good_tool_parser"}}, validate_plugins=True
+    )
+
+    class Engine(RolloutEngine):
+        supports_tools = True
+
+        async def _generate(self, messages, **sampling):
+            return self.parse(ModelOutput(text="call lookup", finish_reason="stop"))
+
+    engine = Engine(tool_parser=build_parser("tool_parser", config.rollout.tool_parser))
+    out = asyncio.run(engine.get_model_response([{"role": "user", "content": "?"}], tools=[]))
+    assert [c["function"]["name"] for c in out.tool_calls] == ["lookup"] and out.finish_reason == "tool_calls"
 
 
 def test_plugin_whose_import_raises_does_not_stop_the_others(installed):
@@ -325,7 +361,7 @@ def test_loading_is_lazy_and_idempotent(installed):
     assert get_registry() is registry
     assert get_plugin_manager() is get_plugin_manager()
     infos_by_name()
-    assert module.REGISTER_CALLS == ["register_backends", "register_rewards", "register_hooks"]
+    assert module.REGISTER_CALLS == ["register_backends", "register_rewards", "register_hooks", "register_tool_parsers"]
     assert sys.modules["rllm_good_plugin"] is module, "the plugin module is imported once"
     reset_plugins()
     get_registry()

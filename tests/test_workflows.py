@@ -324,3 +324,14 @@ def test_a_trainer_whose_sync_reward_hangs_exits_promptly(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     assert all(r["reward/timeouts"] > 0 and r["train/correct_frac"] > 0 for r in rows)
+
+
+def test_counters_include_the_rollout_engines_counters(tmp_path):
+    async def counting_wf(task, engine):
+        engine.engine.count("engine/tool_calls/malformed")  # what an engine does when a call cannot be read
+        return await answer_wf(task, engine)
+
+    eng = _engine(tmp_path, counting_wf, rollout={"n": 2})
+    asyncio.run(eng.execute_tasks(TASKS))
+    assert eng.pop_counters() == {"engine/tool_calls/malformed": 4.0}
+    assert eng.pop_counters() == {} and eng.engine.counters == {}

@@ -97,7 +97,12 @@ class TorchBackend(Backend):
         # Logprobs are those of softmax(logits / T) for the training temperature T, in the sampler and
         # here alike (verl does the same); greedy (T = 0) rows are scored at T = 1.
         self.temperature = float(temperature) if isinstance(temperature, int | float) and temperature > 0 else 1.0
-        self.policy, self.tokenizer = load_model_and_tokenizer(cfg, self.seed)
+        rollout = config.rollout
+        # The tiny tokenizer's agent tokens come with the agent features that need them (see TinyModelSettings).
+        agent_tokens = cfg.tiny.agent_tokens
+        if agent_tokens is None:
+            agent_tokens = rollout.tool_parser is not None or rollout.reasoning_parser is not None
+        self.policy, self.tokenizer = load_model_and_tokenizer(cfg, self.seed, agent_tokens=agent_tokens)
         self.policy.eval()  # dropout off: the sampler's and the trainer's logprobs must agree
         self.device = next(self.policy.parameters()).device
         sampler_model = copy.deepcopy(self.policy).requires_grad_(False) if self.separate_sampler else self.policy
@@ -162,10 +167,16 @@ class TorchBackend(Backend):
 
     def init_rollout_engine(self, **kwargs: Any) -> TorchRolloutEngine:
         if self.rollout_engine is None:
+            from rllm_core.parsers import build_parser
+
+            rollout = self.config.rollout
             self.rollout_engine = TorchRolloutEngine(
                 self.runtime,
                 window_s=self.cfg.gen_batch_window_ms / 1000.0,
                 max_batch=self.cfg.gen_max_batch,
+                tool_parser=build_parser("tool_parser", rollout.tool_parser),
+                reasoning_parser=build_parser("reasoning_parser", rollout.reasoning_parser),
+                multiturn_cache_size=self.cfg.multiturn_cache_size,
             )
             self.rollout_engine.set_weight_version(self.runtime.version)
         return self.rollout_engine  # type: ignore[return-value]

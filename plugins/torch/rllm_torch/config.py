@@ -35,7 +35,13 @@ class TinyModelSettings(_Section):
     tie_word_embeddings: bool = True
     """Share the input embedding with the output layer (transformers' default for small models)."""
     vocab: list[str] = Field(default_factory=lambda: list(DEFAULT_TINY_VOCAB))
-    """Words of the tokenizer (split on whitespace and punctuation); unknown words become ``<unk>``."""
+    """Words of the tokenizer (split on whitespace and punctuation); unknown words become ``<unk>``.
+    Tool names and argument names a tiny model should write must be words of it."""
+    agent_tokens: bool | None = None
+    """Add the special tokens of tools, tool calls and reasoning (``<|tool|> <|tools|> <tool_call>
+    </tool_call> <arg> <think> </think>``) after the vocabulary's words. None: when
+    ``rollout.tool_parser`` or ``rollout.reasoning_parser`` is set. Off, the model's vocabulary (so its
+    initialisation and sampling) is exactly what it was before tools existed."""
 
 
 class LoraSettings(_Section):
@@ -109,3 +115,7 @@ class TorchBackendConfig(_Section):
     entropy_coef: float = Field(0.0, ge=0)
     """Entropy bonus: subtract ``entropy_coef * entropy`` per token (aggregated like the loss); keeps exploring."""
     gradient_checkpointing: bool = False
+    multiturn_cache_size: int = Field(4096, ge=0)
+    """Conversations the engine remembers the sampled tokens of, to continue them token-exactly (turn
+    k+1's prompt = turn k's prompt + its sampled completion + the new messages); least recently used
+    first out. 0: every request is rendered in full."""

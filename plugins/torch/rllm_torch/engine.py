@@ -13,6 +13,11 @@ every output is stamped with the one version that produced all of its tokens.
 Text work stays off the event loop too: the chat template and tokenisation of a prompt the encode
 cache does not hold, and the decoding of a finished batch, run on the runtime's text thread (one,
 so the tokenizer is never used by two of them at once and the sampler thread keeps generating).
+
+Agents: ``get_model_response(messages, tools=[...])`` renders the tools with the chat template and
+the completion is parsed by the configured tool and reasoning parsers (``rllm_core.parsers``). A
+request that continues a conversation this engine answered is continued from the sampled tokens
+(:mod:`rllm_torch.multiturn`); the decoding step remembers each answered conversation for that.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import json
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,7 +34,9 @@ from typing import Any
 import torch
 
 from rllm_core.engine import RolloutEngine
+from rllm_core.parsers import Parser
 from rllm_core.types import ModelOutput, TokenInput
+from rllm_torch.multiturn import Sampled, TurnCache, bridge_text, last_reply, template_messages
 from rllm_torch.sampling import GenParams, GenResult, generate, score
 
 __all__ = ["SamplerRuntime", "TorchRolloutEngine"]
@@ -69,28 +77,41 @@ class SamplerRuntime:
         self._encode_cache: dict[tuple, tuple[int, ...]] = {}
 
     @staticmethod
-    def _cache_key(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> tuple | None:
+    def _cache_key(
+        messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, tools: Any = None
+    ) -> tuple | None:
         if all(type(m.get("content")) is str and len(m) == 2 for m in messages):
-            return (add_generation_prompt, *((m.get("role"), m["content"]) for m in messages))
+            tools_key = None if tools is None else json.dumps(tools, sort_keys=True, default=str)
+            return (add_generation_prompt, tools_key, *((m.get("role"), m["content"]) for m in messages))
         return None
 
-    def cached(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int] | None:
+    def cached(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, tools: Any = None
+    ) -> list[int] | None:
         """The prompt's ids if the encode cache holds them (a dict lookup: fine on the event loop)."""
-        key = self._cache_key(messages, add_generation_prompt)
+        key = self._cache_key(messages, add_generation_prompt, tools)
         hit = self._encode_cache.get(key) if key is not None else None
         return list(hit) if hit is not None else None
 
-    def encode(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, tools: Any = None) -> str:
+        """The chat template's text for ``messages`` (and ``tools``)."""
+        return self.tokenizer.apply_chat_template(
+            template_messages(messages), tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, tools: Any = None
+    ) -> list[int]:
         # Group rollouts send the same prompt n times: plain-text conversations are cached.
-        key = self._cache_key(messages, add_generation_prompt)
+        key = self._cache_key(messages, add_generation_prompt, tools)
         if key is not None:
             hit = self._encode_cache.get(key)
             if hit is not None:
                 return list(hit)
-        text = self.tokenizer.apply_chat_template(
-            [dict(m) for m in messages], add_generation_prompt=add_generation_prompt, tokenize=False
-        )
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.tokenize(self.render(messages, add_generation_prompt, tools))
         if key is not None:
             if len(self._encode_cache) >= 4096:
                 self._encode_cache.clear()
@@ -126,10 +147,19 @@ class SamplerRuntime:
 
 
 @dataclass
+class _Conversation:
+    """What a messages request asked, for remembering the turn once it is sampled."""
+
+    messages: list[Mapping[str, Any]]
+    tools: list[dict[str, Any]] | None
+
+
+@dataclass
 class _Request:
     prompt_ids: list[int]
     params: GenParams
     future: asyncio.Future
+    conversation: _Conversation | None = None
 
 
 class TorchRolloutEngine(RolloutEngine):
@@ -137,6 +167,7 @@ class TorchRolloutEngine(RolloutEngine):
 
     supports_token_in_token_out = True
     supports_logprobs = True
+    supports_tools = True
 
     def __init__(
         self,
@@ -145,11 +176,19 @@ class TorchRolloutEngine(RolloutEngine):
         window_s: float = 0.005,
         max_batch: int = 256,
         default_sampling: Mapping[str, Any] | None = None,
+        tool_parser: Parser | None = None,
+        reasoning_parser: Parser | None = None,
+        multiturn_cache_size: int = 4096,
     ) -> None:
-        super().__init__(default_sampling)
+        super().__init__(default_sampling, tool_parser=tool_parser, reasoning_parser=reasoning_parser)
         self.runtime = runtime
         self.window_s = window_s
         self.max_batch = max_batch
+        self.turns = TurnCache(multiturn_cache_size)
+        """Sampled turns, for token-exact continuation (used on the text thread only)."""
+        tok = runtime.tokenizer
+        self._eos_text = {i: tok.decode([i], skip_special_tokens=False) for i in runtime.eos_ids}
+        self._eot_texts = sorted(set(self._eos_text.values()))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[_Request] = []
         self._wakeup: asyncio.Event | None = None
@@ -176,17 +215,41 @@ class TorchRolloutEngine(RolloutEngine):
             stop_token_ids=list(sampling.get("stop_token_ids") or []),
         )
 
-    async def encode_messages(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True):
-        ids = self.runtime.cached(messages, add_generation_prompt)
+    async def encode_messages(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, *, tools: Any = None
+    ) -> list[int]:
+        ids = self.runtime.cached(messages, add_generation_prompt, tools)
         if ids is None:  # the chat template: CPU work for the text thread
             loop = asyncio.get_running_loop()
             ids = await loop.run_in_executor(
-                self.runtime.text_executor, self.runtime.encode, messages, add_generation_prompt
+                self.runtime.text_executor, self.runtime.encode, messages, add_generation_prompt, tools
             )
         return ids
 
-    async def _generate(self, messages: list[Mapping[str, Any]], **sampling: Any) -> ModelOutput:
-        return await self._submit(await self.encode_messages(messages), sampling)
+    async def _generate(
+        self, messages: list[Mapping[str, Any]], tools: list[dict[str, Any]] | None = None, **sampling: Any
+    ) -> ModelOutput:
+        conversation = _Conversation(messages, tools) if self.turns.max_size > 0 else None
+        if conversation is not None and last_reply(messages) >= 0:
+            loop = asyncio.get_running_loop()
+            prompt_ids, event = await loop.run_in_executor(self.runtime.text_executor, self._continue, messages, tools)
+            self.count(event)
+        else:
+            prompt_ids = await self.encode_messages(messages, tools=tools)
+        return await self._submit(prompt_ids, sampling, conversation)
+
+    def _continue(self, messages: list[Mapping[str, Any]], tools: Any) -> tuple[list[int], str]:
+        """The prompt of a request that holds an assistant reply: continued from the sampled turn when
+        this engine remembers it, else rendered in full (text thread). Also says which it was."""
+        runtime = self.runtime
+        reply = last_reply(messages)
+        turn = self.turns.find(messages, tools, reply)
+        if turn is None:  # history edited or compacted, evicted, or a reply this engine never sampled
+            return runtime.encode(messages, True, tools), "engine/multiturn/rerendered/unknown_history"
+        text = bridge_text(lambda msgs, gen: runtime.render(msgs, gen, tools), messages, reply, turn, self._eot_texts)
+        if text is None:
+            return runtime.encode(messages, True, tools), "engine/multiturn/rerendered/template_rewrote_history"
+        return [*turn.ids, *runtime.tokenize(text)], "engine/multiturn/continued"
 
     async def _generate_tokens(self, token_input: TokenInput, **sampling: Any) -> ModelOutput:
         ids = token_input.prompt_ids
@@ -194,7 +257,9 @@ class TorchRolloutEngine(RolloutEngine):
             raise TypeError("torch engine: TokenInput.prompt_ids must be a list of ints")
         return await self._submit(list(ids), sampling)
 
-    async def _submit(self, prompt_ids: list[int], sampling: Mapping[str, Any]) -> ModelOutput:
+    async def _submit(
+        self, prompt_ids: list[int], sampling: Mapping[str, Any], conversation: _Conversation | None = None
+    ) -> ModelOutput:
         if not prompt_ids:
             raise ValueError("torch engine: empty prompt")
         params = self._params(sampling)
@@ -202,7 +267,7 @@ class TorchRolloutEngine(RolloutEngine):
         if self._loop is not loop:  # a new event loop (e.g. a second asyncio.run): start over
             self._loop, self._pending, self._dispatcher = loop, [], None
             self._wakeup = asyncio.Event()
-        req = _Request(prompt_ids, params, loop.create_future())
+        req = _Request(prompt_ids, params, loop.create_future(), conversation)
         self._pending.append(req)
         assert self._wakeup is not None
         self._wakeup.set()
@@ -211,9 +276,9 @@ class TorchRolloutEngine(RolloutEngine):
         return await req.future
 
     def _outputs(self, batch: list[_Request], results: list[GenResult], version: int) -> list[ModelOutput]:
-        return [self._to_output(r.prompt_ids, res, version) for r, res in zip(batch, results, strict=False)]
+        return [self._to_output(r, res, version) for r, res in zip(batch, results, strict=False)]
 
-    def _to_output(self, prompt_ids: list[int], r: GenResult, version: int) -> ModelOutput:
+    def _to_output(self, req: _Request, r: GenResult, version: int) -> ModelOutput:
         tok = self.runtime.tokenizer
         ids = r.completion_ids
         if r.finish_reason == "stop" and r.stop_text is None and ids:
@@ -222,14 +287,40 @@ class TorchRolloutEngine(RolloutEngine):
         text = tok.decode(ids, skip_special_tokens=False)
         if r.stop_text is not None:
             text = text[: text.find(r.stop_text)]
-        return ModelOutput(
-            text=text,
-            content=text,
-            prompt_ids=prompt_ids,
-            completion_ids=r.completion_ids,
-            logprobs=r.logprobs,
-            finish_reason=r.finish_reason,
-            weight_version=version,
+        out = self.parse(
+            ModelOutput(
+                text=text,
+                content=text,
+                prompt_ids=req.prompt_ids,
+                completion_ids=r.completion_ids,
+                logprobs=r.logprobs,
+                finish_reason=r.finish_reason,
+                weight_version=version,
+            )
+        )
+        if req.conversation is not None:
+            self._remember(req, r, out)
+        return out
+
+    def _remember(self, req: _Request, r: GenResult, out: ModelOutput) -> None:
+        """Keep the sampled turn for a continuation of this conversation (text thread)."""
+        conv = req.conversation
+        assert conv is not None
+        completion = r.completion_ids
+        self.turns.remember(
+            Sampled(
+                # a copy: the workflow may edit its messages (compaction) before a lookup reads these
+                messages=[dict(m) for m in conv.messages],
+                tools=conv.tools,
+                content=out.content,
+                text=out.text,
+                tool_calls=out.tool_calls,
+                reasoning=out.reasoning,
+                prompt_ids=req.prompt_ids,
+                completion_ids=completion,
+                # the end-of-sequence token the completion ended with, if it did
+                ended_with=self._eos_text.get(completion[-1]) if completion and r.stop_text is None else None,
+            )
         )
 
     async def _dispatch(self) -> None:

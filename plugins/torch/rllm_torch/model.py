@@ -17,6 +17,7 @@ import torch
 from rllm_torch.config import TinyModelSettings, TorchBackendConfig
 
 __all__ = [
+    "AGENT_TOKENS",
     "SPECIAL_TOKENS",
     "TINY_CHAT_TEMPLATE",
     "build_tiny_model",
@@ -28,12 +29,35 @@ __all__ = [
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
 
-# Each message is "<|role|> content <eos>"; the assistant's turn ends with <eos>, which is the
-# token generation stops at.
+AGENT_TOKENS = ["<|tool|>", "<|tools|>", "<tool_call>", "</tool_call>", "<arg>", "<think>", "</think>"]
+"""Special tokens of tools, tool calls and reasoning (``torch.tiny.agent_tokens``). They come after the
+vocabulary's words, so no existing id moves; a tokenizer without them keeps the model's vocabulary
+(and so its random initialisation and sampling) exactly as it was."""
+
+# Each message is "<|role|> content <eos>"; the assistant's turn ends with <eos>, which is the token
+# generation stops at. With tools, a "<|tools|>" block comes first, declaring each tool in the form
+# the model calls it; an assistant's tool calls follow its content in the ``tiny`` parser's format
+# ("<tool_call> NAME <arg> KEY VALUE ... </tool_call>"), its reasoning (``reasoning_content``) comes
+# before it as "<think> ... </think>", and a tool result is "<|tool|> content <eos>". A plain
+# conversation renders exactly as it did before tools existed.
 TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <eos> {% endfor %}"
+    "{%- macro value(v) -%}"
+    "{%- if v is sameas true -%}true{%- elif v is sameas false -%}false{%- elif v is none -%}null"
+    "{%- elif v is string or v is number -%}{{ v }}{%- else -%}{{ v | tojson }}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- if tools -%}<|tools|> {% for t in tools %}{% set f = t['function'] if t['function'] is defined else t %}"
+    "<tool_call> {{ f['name'] }}{% for p in ((f['parameters'] or {})['properties'] or {}) %} <arg> {{ p }}{% endfor %}"
+    " </tool_call> {% endfor %}<eos> {% endif -%}"
+    "{% for m in messages %}<|{{ m['role'] }}|> "
+    "{% if m['reasoning_content'] %}<think> {{ m['reasoning_content'] }} </think> {% endif %}"
+    "{{ m['content'] if m['content'] is not none else '' }}"
+    "{% for c in (m['tool_calls'] or []) %}{% set f = c['function'] if c['function'] is defined else c %}"
+    "{% if f['arguments'] is not mapping %}{{ raise_exception('tool call arguments must be a dict') }}{% endif %}"
+    " <tool_call> {{ f['name'] }}{% for k, v in f['arguments'].items() %} <arg> {{ k }} {{ value(v) }}{% endfor %}"
+    " </tool_call>{% endfor %} <eos> {% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+"""The tiny tokenizer's chat template (see the comment above)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,26 +70,30 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def build_tiny_tokenizer(vocab: list[str]) -> Any:
-    """A ``PreTrainedTokenizerFast`` over ``vocab`` plus special tokens, with a chat template."""
+def build_tiny_tokenizer(vocab: list[str], agent_tokens: bool = False) -> Any:
+    """A ``PreTrainedTokenizerFast`` over ``vocab`` plus special tokens, with a chat template.
+
+    Ids: the special tokens, then the words of ``vocab``, then (``agent_tokens``) :data:`AGENT_TOKENS`.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    specials = [*SPECIAL_TOKENS, *(AGENT_TOKENS if agent_tokens else [])]
     words: dict[str, int] = {}
-    for token in [*SPECIAL_TOKENS, *vocab]:
+    for token in [*SPECIAL_TOKENS, *vocab, *specials[len(SPECIAL_TOKENS) :]]:
         words.setdefault(token, len(words))
     tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
     )
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens(specials)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
         eos_token="<eos>",
         unk_token="<unk>",
-        additional_special_tokens=SPECIAL_TOKENS[3:],
+        additional_special_tokens=specials[3:],
     )
     fast.chat_template = TINY_CHAT_TEMPLATE
     fast.padding_side = "left"
@@ -93,8 +121,11 @@ def build_tiny_model(settings: TinyModelSettings, vocab_size: int, pad_id: int, 
     return AutoModelForCausalLM.from_config(cfg)
 
 
-def load_model_and_tokenizer(cfg: TorchBackendConfig, seed: int) -> tuple[Any, Any]:
-    """The policy model (on its device, in its dtype, train mode) and its tokenizer."""
+def load_model_and_tokenizer(cfg: TorchBackendConfig, seed: int, agent_tokens: bool | None = None) -> tuple[Any, Any]:
+    """The policy model (on its device, in its dtype, train mode) and its tokenizer.
+
+    ``agent_tokens``: whether the tiny tokenizer gets :data:`AGENT_TOKENS` (None: ``cfg.tiny.agent_tokens``).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
@@ -112,7 +143,8 @@ def load_model_and_tokenizer(cfg: TorchBackendConfig, seed: int) -> tuple[Any, A
         if tokenizer.chat_template is None:
             raise ValueError(f"torch.model_path: the tokenizer in {path} has no chat template")
     else:
-        tokenizer = build_tiny_tokenizer(cfg.tiny.vocab)
+        agent = cfg.tiny.agent_tokens if agent_tokens is None else agent_tokens
+        tokenizer = build_tiny_tokenizer(cfg.tiny.vocab, agent_tokens=bool(agent))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = build_tiny_model(cfg.tiny, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
