@@ -211,8 +211,10 @@ def _usage(trace: Trace) -> dict[str, int]:
 class Gateway:
     """The HTTP server and its session store (see the module docstring).
 
-    ``engine`` is the default engine of sessions opened without one. ``host`` is where it binds and
-    what its URLs name; ``port=0`` picks a free port.
+    ``engine`` is the default engine of sessions opened without one. ``host`` is where it binds;
+    ``port=0`` picks a free port. ``advertise`` is the host its URLs name (what agents on other
+    machines connect to); None: ``host``, or this machine's fully-qualified name when ``host`` is a
+    wildcard (``0.0.0.0``, ``::``), as a gateway for runs across machines must.
     """
 
     def __init__(
@@ -221,6 +223,7 @@ class Gateway:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        advertise: str | None = None,
         model_name: str = "rllm",
         max_sessions: int = 10_000,
         keepalive_s: float = 5.0,
@@ -228,6 +231,9 @@ class Gateway:
         self.engine = engine
         self.host = host
         self.port = port
+        if advertise is None:
+            advertise = socket.getfqdn() if host in ("0.0.0.0", "::", "") else host
+        self.advertise = advertise
         self.model_name = model_name
         self.max_sessions = max_sessions
         self.keepalive_s = keepalive_s
@@ -250,7 +256,8 @@ class Gateway:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.advertise}]" if ":" in self.advertise else self.advertise
+        return f"http://{host}:{self.port}"
 
     @property
     def running(self) -> bool:

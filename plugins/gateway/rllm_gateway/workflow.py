@@ -67,34 +67,67 @@ async def blackbox(
     sampling: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
     role: str = "agent",
+    retries: int = 2,
+    backoff_s: float = 0.5,
+    gateway: Mapping[str, Any] | None = None,
 ) -> Episode:
     """Run one black-box agent episode (see the module docstring).
 
     ``agent``: ``"module:attr"`` or a callable; ``command``: argv of a program (exactly one of the
     two). ``timeout``: seconds for the agent. ``sampling``: settings that override what the agent
     asks for (e.g. ``max_tokens``). ``env``: extra environment for ``command``. ``role``: the
-    trajectories' name.
+    trajectories' name. ``retries`` / ``backoff_s``: an agent run that failed on a transient
+    connection error (refused, reset, a dropped connection; not an HTTP error status) is run again in
+    a fresh session after ``backoff_s * 2**attempt`` seconds, up to ``retries`` times, before the
+    episode counts as an error. ``gateway``: settings of the process's gateway when this call starts
+    it (``host``, ``port``, ``advertise``; e.g. ``{host: 0.0.0.0}`` for agents on other machines).
     """
     if (agent is None) == (command is None):
         raise ValueError("workflow.args: set exactly one of agent ('module:attr') and command ([argv...])")
-    gateway = get_gateway()
-    session_id = f"{task.get('id', 'task') if isinstance(task, Mapping) else 'task'}:{next(_session_ids)}"
-    base_url, key = gateway.open(session_id, engine=engine, sampling=sampling)
-    reason, error, answer = TerminationReason.ENV_DONE, None, None
-    try:
-        if agent is not None:
-            answer = await asyncio.wait_for(_run_callable(_resolve(agent), task, base_url, key), timeout)
-        else:
-            answer = await _run_command(list(command or []), task, base_url, key, session_id, timeout, env)
-    except (asyncio.TimeoutError, TimeoutError):
-        reason, error = TerminationReason.TIMEOUT, f"agent exceeded workflow.args.timeout={timeout}s"
-    except AgentError as exc:
-        reason, error = TerminationReason.ERROR, str(exc)
-    except Exception as exc:
-        reason, error = TerminationReason.ERROR, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    finally:
-        record = gateway.consume(session_id)
-    return _episode(record, reason, error, answer, role)
+    server = get_gateway(**dict(gateway or {}))
+    base_id = task.get("id", "task") if isinstance(task, Mapping) else "task"
+    attempt = 0
+    while True:
+        session_id = f"{base_id}:{next(_session_ids)}"
+        base_url, key = server.open(session_id, engine=engine, sampling=sampling)
+        reason, error, answer, transient = TerminationReason.ENV_DONE, None, None, False
+        try:
+            if agent is not None:
+                answer = await asyncio.wait_for(_run_callable(_resolve(agent), task, base_url, key), timeout)
+            else:
+                answer = await _run_command(list(command or []), task, base_url, key, session_id, timeout, env)
+        except (asyncio.TimeoutError, TimeoutError):
+            reason, error = TerminationReason.TIMEOUT, f"agent exceeded workflow.args.timeout={timeout}s"
+        except AgentError as exc:
+            reason, error = TerminationReason.ERROR, str(exc)
+        except Exception as exc:
+            transient = _is_connection_error(exc)
+            reason = TerminationReason.ERROR
+            error = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        finally:
+            record = server.consume(session_id)
+        if not transient or attempt >= retries:
+            episode = _episode(record, reason, error, answer, role)
+            if attempt:
+                episode.info["connection_retries"] = attempt
+            return episode
+        await asyncio.sleep(backoff_s * 2**attempt)
+        attempt += 1
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    """A transient transport failure (anywhere in the cause chain): worth another try."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, ConnectionError) or type(exc).__name__ in (
+            "APIConnectionError",
+            "ConnectError",
+            "RemoteProtocolError",
+            "ReadError",
+        ):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def _episode(record: SessionRecord, reason: TerminationReason, error: str | None, answer: Any, role: str) -> Episode:

@@ -155,3 +155,60 @@ def _no_session_left():
     from rllm_gateway.workflow import get_gateway
 
     assert len(get_gateway()) == 0
+
+
+_flaky_calls: dict[str, int] = {}
+
+
+async def flaky_agent(task, base_url, api_key):
+    """Fails on a refused connection the first ``task["fail"]`` times, then answers through the gateway."""
+    n = _flaky_calls[task["id"]] = _flaky_calls.get(task["id"], 0) + 1
+    if n <= task["fail"]:
+        c = openai.AsyncOpenAI(base_url="http://127.0.0.1:9/v1", api_key=api_key, max_retries=0)
+        await c.chat.completions.create(model="rllm", messages=[{"role": "user", "content": "x"}])
+    c = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+    r = await c.chat.completions.create(model="rllm", messages=[{"role": "user", "content": task["question"]}])
+    return r.choices[0].message.content
+
+
+def test_transient_connection_errors_are_retried_with_backoff_then_give_up(tmp_path):
+    _flaky_calls.clear()
+    start = time.monotonic()
+    ok, lost = run_workflow(
+        tmp_path,
+        [{"id": "ok", "question": "q", "fail": 2}, {"id": "lost", "question": "q", "fail": 5}],
+        agent=f"{HERE}:flaky_agent",
+        retries=2,
+        backoff_s=0.05,
+    )
+    assert ok.termination_reason is TerminationReason.ENV_DONE and ok.info["connection_retries"] == 2
+    assert ok.trajectories[0].reward == 1.0 and len(ok.trajectories) == 1  # only the good session's call
+    assert lost.termination_reason is TerminationReason.ERROR and lost.info["connection_retries"] == 2
+    assert "Connection" in lost.info["error"]
+    assert _flaky_calls == {"ok": 3, "lost": 3}  # 1 try + 2 retries each
+    assert time.monotonic() - start >= 0.05 + 0.1  # backoff 0.05, then 0.1
+
+
+def test_a_raising_agent_is_not_retried(tmp_path):
+    (ep,) = run_workflow(tmp_path, [{"id": "a", "question": "q"}], agent=f"{HERE}:raising_agent", retries=3)
+    assert ep.termination_reason is TerminationReason.ERROR and "connection_retries" not in ep.info
+
+
+def test_a_wildcard_bind_advertises_this_hosts_name():
+    import socket
+
+    from rllm_gateway.server import Gateway
+
+    gw = Gateway(ScriptedEngine(), host="0.0.0.0").start()
+    loop = asyncio.new_event_loop()
+    try:
+        assert gw.advertise == socket.getfqdn()
+        base_url, _ = gw.open("s1", loop=loop)
+        assert base_url.startswith(f"http://{socket.getfqdn()}:{gw.port}/sessions/s1/v1")
+        # reachable on this machine's loopback too (bound on every interface)
+        r = httpx.get(f"http://127.0.0.1:{gw.port}/v1/models", timeout=5)
+        assert r.status_code == 200
+    finally:
+        gw.stop()
+        loop.close()
+    assert Gateway(host="127.0.0.1", advertise="gw.example").base_url.startswith("http://gw.example:")
