@@ -70,15 +70,28 @@ class Trace:
     response: dict[str, Any]
     """The assistant message returned (``ModelOutput.assistant_message()``)."""
     output: ModelOutput
-    prompt_ids: list[Any]
-    completion_ids: list[int]
-    logprobs: list[float] | None
-    finish_reason: str | None
+    """The engine's output: prompt and completion ids, logprobs, finish reason."""
     weight_version: int
     """The engine's weight version when the call was dispatched."""
     parent: int | None
     """Index of the trace this call extends (None: it starts a new lineage)."""
     latency_s: float = 0.0
+
+    @property
+    def prompt_ids(self) -> list[Any]:
+        return self.output.prompt_ids
+
+    @property
+    def completion_ids(self) -> list[int]:
+        return self.output.completion_ids
+
+    @property
+    def logprobs(self) -> list[float] | None:
+        return self.output.logprobs
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.output.finish_reason
 
 
 @dataclass
@@ -472,10 +485,6 @@ class Gateway:
             tools=tools,
             response=out.assistant_message(),
             output=out,
-            prompt_ids=out.prompt_ids,
-            completion_ids=out.completion_ids,
-            logprobs=out.logprobs,
-            finish_reason=out.finish_reason,
             weight_version=version,
             parent=parent,
             latency_s=time.perf_counter() - start,
