@@ -28,7 +28,7 @@ from typing import Any
 from rllm_core.parsers import MALFORMED_TOOL_CALL, TOOL_CALLS, Parser, parse_output
 from rllm_core.types import ModelOutput, TokenInput
 
-__all__ = ["MALFORMED_TOOL_CALL", "PROMPT_TOO_LONG", "TOOL_CALLS", "RolloutEngine", "SamplingEngine"]
+__all__ = ["MALFORMED_TOOL_CALL", "PROMPT_TOO_LONG", "TOOL_CALLS", "PromptCache", "RolloutEngine", "SamplingEngine"]
 
 PROMPT_TOO_LONG = "prompt_too_long"
 """``ModelOutput.finish_reason`` of a request whose prompt leaves no room in the model's context: no
@@ -145,6 +145,39 @@ class RolloutEngine:
     async def refresh_reference(self) -> None:
         """Make the reference weights a copy of the current policy (OPSD's refreshed teacher)."""
         raise NotImplementedError(f"{type(self).__name__} has no reference model")
+
+
+class PromptCache:
+    """Rendered prompts of plain-text conversations, so a group's ``n`` rollouts render once.
+
+    Only conversations whose messages are exactly ``{role, content}`` with string content are
+    cached (anything else, e.g. tool calls or multimodal parts, is rendered every time). Bounded:
+    cleared when ``size`` entries are held.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._items: dict[tuple, Any] = {}
+
+    @staticmethod
+    def key(messages: Sequence[Mapping[str, Any]], *extra: Any) -> tuple | None:
+        """The cache key of ``messages`` (plus ``extra``: render options), or None when not cacheable."""
+        if all(len(m) == 2 and "role" in m and type(m.get("content")) is str for m in messages):
+            return (*extra, *((m["role"], m["content"]) for m in messages))
+        return None
+
+    def get(self, key: tuple | None) -> Any:
+        return self._items.get(key) if key is not None else None
+
+    def put(self, key: tuple | None, value: Any) -> None:
+        if key is None:
+            return
+        if len(self._items) >= self.size:
+            self._items.clear()
+        self._items[key] = value
+
+    def clear(self) -> None:
+        self._items.clear()
 
 
 class SamplingEngine:

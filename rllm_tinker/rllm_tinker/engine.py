@@ -26,7 +26,7 @@ from typing import Any
 
 import tinker
 
-from rllm_core.engine import PROMPT_TOO_LONG, RolloutEngine
+from rllm_core.engine import PROMPT_TOO_LONG, PromptCache, RolloutEngine
 from rllm_core.types import ModelOutput, TokenInput
 
 __all__ = ["TinkerRolloutEngine", "sampling_params", "to_openai_tool_calls", "to_renderer_messages"]
@@ -147,7 +147,7 @@ class TinkerRolloutEngine(RolloutEngine):
         self.renderer: Any = None
         self.tokenizer: Any = None
         self.stop: list[Any] = []
-        self._prompt_cache: dict[tuple, tinker.ModelInput] = {}
+        self._prompt_cache = PromptCache()
         self.reference_factory: Any = None
         """Set by the backend: an async callable returning a sampler of the current weights."""
 
@@ -172,17 +172,11 @@ class TinkerRolloutEngine(RolloutEngine):
     # -- requests ------------------------------------------------------------------------------
 
     def _render(self, messages: Sequence[Mapping[str, Any]]) -> tinker.ModelInput:
-        key = None
-        if all(type(m.get("content")) is str and set(m) <= {"role", "content"} for m in messages):
-            key = tuple((m["role"], m["content"]) for m in messages)
-            hit = self._prompt_cache.get(key)
-            if hit is not None:
-                return hit
-        prompt = self.renderer.build_generation_prompt(to_renderer_messages(messages))
-        if key is not None:
-            if len(self._prompt_cache) >= 4096:
-                self._prompt_cache.clear()
-            self._prompt_cache[key] = prompt
+        key = PromptCache.key(messages)
+        prompt = self._prompt_cache.get(key)
+        if prompt is None:
+            prompt = self.renderer.build_generation_prompt(to_renderer_messages(messages))
+            self._prompt_cache.put(key, prompt)
         return prompt
 
     async def encode_messages(

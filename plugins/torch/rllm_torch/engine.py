@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from rllm_core.engine import RolloutEngine
+from rllm_core.engine import PromptCache, RolloutEngine
 from rllm_core.parsers import Parser
 from rllm_core.types import ModelOutput, TokenInput
 from rllm_torch.multiturn import Sampled, TurnCache, bridge_text, last_reply, template_messages
@@ -74,23 +74,20 @@ class SamplerRuntime:
         """Held while the sampler's weights are read (generation, scoring) or replaced."""
         self.batches = 0
         self.batch_sizes: list[int] = []
-        self._encode_cache: dict[tuple, tuple[int, ...]] = {}
+        self._encode_cache = PromptCache()
 
     @staticmethod
     def _cache_key(
         messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, tools: Any = None
     ) -> tuple | None:
-        if all(type(m.get("content")) is str and len(m) == 2 for m in messages):
-            tools_key = None if tools is None else json.dumps(tools, sort_keys=True, default=str)
-            return (add_generation_prompt, tools_key, *((m.get("role"), m["content"]) for m in messages))
-        return None
+        tools_key = None if tools is None else json.dumps(tools, sort_keys=True, default=str)
+        return PromptCache.key(messages, add_generation_prompt, tools_key)
 
     def cached(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, tools: Any = None
     ) -> list[int] | None:
         """The prompt's ids if the encode cache holds them (a dict lookup: fine on the event loop)."""
-        key = self._cache_key(messages, add_generation_prompt, tools)
-        hit = self._encode_cache.get(key) if key is not None else None
+        hit = self._encode_cache.get(self._cache_key(messages, add_generation_prompt, tools))
         return list(hit) if hit is not None else None
 
     def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, tools: Any = None) -> str:
@@ -107,15 +104,11 @@ class SamplerRuntime:
     ) -> list[int]:
         # Group rollouts send the same prompt n times: plain-text conversations are cached.
         key = self._cache_key(messages, add_generation_prompt, tools)
-        if key is not None:
-            hit = self._encode_cache.get(key)
-            if hit is not None:
-                return list(hit)
+        hit = self._encode_cache.get(key)
+        if hit is not None:
+            return list(hit)
         ids = self.tokenize(self.render(messages, add_generation_prompt, tools))
-        if key is not None:
-            if len(self._encode_cache) >= 4096:
-                self._encode_cache.clear()
-            self._encode_cache[key] = tuple(ids)
+        self._encode_cache.put(key, tuple(ids))
         return ids
 
     def generate(self, prompts: list[list[int]], params: list[GenParams]) -> tuple[list[GenResult], int]:
