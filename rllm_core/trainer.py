@@ -323,7 +323,12 @@ class UnifiedTrainer:
 
     def save_checkpoint(self) -> Path:
         """Write a checkpoint of the current step now (atomic; blocks until written)."""
-        return self._write_checkpoint(*self._checkpoint_state())
+        trainer_state, rng = self._checkpoint_state()
+        path = save_checkpoint(
+            self.run_dir, self.step, trainer_state, self.backend, keep=self.config.trainer.keep_checkpoints, rng=rng
+        )
+        self.last_checkpoint, self._saved_step = path, trainer_state["step"]
+        return path
 
     async def _save_checkpoint(self) -> Path:
         # The files are written in threads (and a backend's async save awaited), so async
@@ -352,14 +357,6 @@ class UnifiedTrainer:
             "config": self.config.to_dict(),
         }
         return trainer_state, rng_state()
-
-    def _write_checkpoint(self, trainer_state: dict[str, Any], rng: dict[str, Any]) -> Path:
-        step = trainer_state["step"]
-        self.last_checkpoint = save_checkpoint(
-            self.run_dir, step, trainer_state, self.backend, keep=self.config.trainer.keep_checkpoints, rng=rng
-        )
-        self._saved_step = step
-        return self.last_checkpoint
 
     # -- shared step machinery ----------------------------------------------------------------
 
