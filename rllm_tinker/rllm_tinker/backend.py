@@ -118,8 +118,6 @@ class TinkerBackend(Backend):
         self.reference_path: str | None = None
         """Sampler weights of the KL reference when it is not the base model."""
         self._saved: dict[str, Any] | None = None
-        self._lr_total = config.trainer.total_steps
-        self._kl: list[np.ndarray] | None = None
 
     # -- setup ----------------------------------------------------------------------------------
 
@@ -252,36 +250,33 @@ class TinkerBackend(Backend):
         return state.rows
 
     async def process_backend_batch(self, state: TrainerState) -> None:
-        self._kl = None
         rows = state.rows
         if self.config.algorithm.loss.kl_coef <= 0 or rows is None or not len(rows):
             return
         ref = self.engine.reference_client
         outs = await asyncio.gather(*(ref.compute_logprobs(model_input(rows.tokens[r])) for r in range(len(rows))))
-        diffs = []
-        for r, out in enumerate(outs):
-            a, b = int(rows.offsets[r]), int(rows.offsets[r + 1])
-            ref_lp = np.asarray([0.0 if x is None else x for x in out], dtype=np.float64)
-            if len(ref_lp) != b - a:
-                raise TypeError("kl_coef with opaque prompt chunks is not supported by the tinker backend")
-            diffs.append(np.where(rows.loss_mask[a:b], rows.logprobs[a:b] - ref_lp, 0.0))
-        self._kl = diffs
-        d = np.concatenate(diffs)[rows.loss_mask]
-        state.metrics["train/kl_sampler_ref"] = float(d.mean()) if d.size else 0.0
+        ref_lp = np.asarray([0.0 if x is None else x for out in outs for x in out], dtype=np.float64)
+        if len(ref_lp) != rows.num_tokens:
+            raise TypeError("kl_coef with opaque prompt chunks is not supported by the tinker backend")
+        # d_t = logp_sampler - logp_reference on action tokens (0 elsewhere), flat like the rows
+        diff = np.where(rows.loss_mask, rows.logprobs - ref_lp, 0.0)
+        on_mask = diff[rows.loss_mask]
+        state.extra["tinker_kl"] = diff, float(on_mask.mean()) if on_mask.size else 0.0
+        state.metrics["train/kl_sampler_ref"] = state.extra["tinker_kl"][1]
 
     async def compute_advantages(self, state: TrainerState, algorithm: Any) -> None:
         await super().compute_advantages(state, algorithm)
         rows = state.rows
-        if self._kl is None or rows is None:
+        if "tinker_kl" not in state.extra or rows is None:
             return
+        diff, mean = state.extra["tinker_kl"]
         coef = self.config.algorithm.loss.kl_coef
-        mean = float(np.concatenate(self._kl)[rows.loss_mask].mean())
         for k, step in enumerate(rows.steps):
-            r, start, end = int(rows.step_row[k]), int(rows.step_start[k]), int(rows.step_end[k])
-            penalty = coef * (mean - self._kl[r][start:end])
+            base = int(rows.offsets[int(rows.step_row[k])])
+            penalty = coef * (mean - diff[base + int(rows.step_start[k]) : base + int(rows.step_end[k])])
             adv = step.advantage
-            base = np.asarray(adv, dtype=np.float64) if isinstance(adv, list | tuple) else float(adv or 0.0)
-            step.advantage = (base + penalty).tolist()
+            value = np.asarray(adv, dtype=np.float64) if isinstance(adv, list | tuple) else float(adv or 0.0)
+            step.advantage = (value + penalty).tolist()
 
     async def update_policy(self, state: TrainerState) -> None:
         rows = state.rows
@@ -294,7 +289,7 @@ class TinkerBackend(Backend):
         losses = {role: algo.loss_for(role) for role in roles}
         factor = self.config.loss_scale_factor()
         adam = tinker.AdamParams(
-            learning_rate=optim.lr * optim.lr_factor(state.step, self._lr_total),
+            learning_rate=optim.lr * optim.lr_factor(state.step, self.config.trainer.total_steps),
             beta1=optim.betas[0],
             beta2=optim.betas[1],
             eps=self.cfg.adam_eps,
