@@ -1,7 +1,8 @@
 """The engine worker class rllm-verl runs on Ray: verl's ``ActorRolloutRefWorker``, prepared for its platform.
 
 A module of its own so that Ray workers import it by name (and with it verl's engine workers);
-:func:`rllm_verl.compat.prepare_worker_process` runs before verl builds anything.
+:func:`rllm_verl.compat.prepare_worker_process` runs before verl builds anything. The ``rllm_*``
+methods are called on single workers' handles (generation, scoring) or on all of them (the lr).
 """
 
 from __future__ import annotations
@@ -21,3 +22,22 @@ class RLLMActorRolloutRefWorker(ActorRolloutRefWorker):
     def __init__(self, config: Any, role: str, **kwargs: Any) -> None:
         compat.prepare_worker_process()
         super().__init__(config, role, **kwargs)
+
+    def rllm_generate(self, prompts: list[list[int]], params: list[Any], seed: int | None = None) -> Any:
+        """Sample with this worker's rollout (:class:`rllm_verl.rollout.TorchRollout`): results, version."""
+        if seed is not None:
+            self.rollout.set_seed(seed)
+        return self.rollout.generate(prompts, params)
+
+    def rllm_score(self, rows: list[tuple[list[int], list[int]]], temperature: float = 1.0) -> list[list[float]]:
+        return self.rollout.score(rows, temperature)
+
+    def rllm_set_lr(self, lr: float) -> None:
+        """Use ``lr`` from the next optimiser step on (the core's schedule, computed by the driver).
+        verl's scheduler is constant; its base lr moves too, so its step keeps this lr."""
+        engine = self.actor.engine
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        scheduler = getattr(engine, "lr_scheduler", None)
+        if scheduler is not None:
+            scheduler.base_lrs = [lr] * len(scheduler.base_lrs)

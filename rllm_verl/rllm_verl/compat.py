@@ -26,6 +26,12 @@ What it does, and why each piece is needed (``tests/test_compat.py`` fails loudl
      ``verl.workers.engine.fsdp.transformer_impl`` is replaced by a subclass that always passes
      ``pin_memory=False``. The actor (not forward-only) never builds one.
 
+3. :func:`register_torch_rollout`: verl's rollout registry (``_ROLLOUT_REGISTRY`` in
+   ``verl.workers.rollout.base``, a private dict with no public register function) gets
+   :class:`rllm_verl.rollout.TorchRollout` under ``("rllm_torch", "async")``, so that
+   ``actor_rollout_ref.rollout.name=rllm_torch`` builds it in each engine worker. Called in every
+   engine worker (any platform) by :func:`prepare_worker_process`.
+
 Nothing else in rllm-verl imports a private verl name.
 """
 
@@ -41,15 +47,20 @@ from verl.plugin.platform import PlatformBase, PlatformRegistry
 
 __all__ = [
     "CPU_PLATFORM",
+    "TORCH_ROLLOUT",
     "VERL_VERSION",
     "CPUPlatform",
     "check_verl_version",
     "prepare_worker_process",
+    "register_torch_rollout",
     "use_cpu_platform",
 ]
 
 VERL_VERSION = "0.9.1"
 """The verl release this module was written against (and the one ``pyproject.toml`` pins)."""
+
+TORCH_ROLLOUT = "rllm_torch"
+"""``actor_rollout_ref.rollout.name`` of :class:`rllm_verl.rollout.TorchRollout`."""
 
 CPU_PLATFORM = "cpu"
 """``VERL_PLATFORM`` value that selects :class:`CPUPlatform`."""
@@ -214,11 +225,12 @@ def use_cpu_platform() -> None:
 
 
 def prepare_worker_process() -> None:
-    """In an engine worker, before verl builds anything: on the CPU platform, the gloo process
-    group, the FSDP engines for device "cpu" and the unpinned reference offload (module docstring).
-    A no-op on any other platform."""
+    """In an engine worker, before verl builds anything: the torch rollout registered; on the CPU
+    platform also the gloo process group, the FSDP engines for device "cpu" and the unpinned
+    reference offload (module docstring)."""
     from verl.plugin.platform import get_platform
 
+    register_torch_rollout()
     if not isinstance(get_platform(), CPUPlatform):
         return
     _init_gloo_process_group()
@@ -260,3 +272,10 @@ def _unpin_reference_offload() -> None:
             super().__init__(pin_memory=False)
 
     transformer_impl.CPUOffloadPolicy = UnpinnedCPUOffloadPolicy
+
+
+def register_torch_rollout() -> None:
+    """``rollout.name=rllm_torch`` builds :class:`rllm_verl.rollout.TorchRollout` (module docstring, 3)."""
+    from verl.workers.rollout import base
+
+    base._ROLLOUT_REGISTRY.setdefault((TORCH_ROLLOUT, "async"), "rllm_verl.rollout.TorchRollout")

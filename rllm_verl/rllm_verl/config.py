@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from rllm_torch.config import TinyModelSettings
 
 from rllm_core.config import AlgorithmConfig, LossConfig
 from rllm_verl.dataproto import loss_agg_settings
@@ -35,6 +36,7 @@ __all__ = [
     "actor_loss_settings",
     "algorithm_overrides",
     "compose_verl_config",
+    "rollout_overrides",
 ]
 
 NO_CLIP = 1.0e9
@@ -49,8 +51,12 @@ class VerlConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    model_path: str
-    """A local Hugging Face model directory (weights, tokenizer); verl loads it in every worker."""
+    model_path: str | None = None
+    """A local Hugging Face model directory (weights, tokenizer with a chat template); verl loads it in
+    every worker. None: the torch backend's tiny random model built from ``tiny`` (and the run's seed),
+    written to a temporary directory at start-up (CPU runs, tests)."""
+    tiny: TinyModelSettings = Field(default_factory=TinyModelSettings)
+    """The tiny model used when ``model_path`` is not set (as ``torch.tiny``)."""
     device: Literal["cpu", "cuda"] = "cuda"
     """``cpu``: verl's engines on CPU through rllm-verl's CPU platform (gloo, fp32), as in CI."""
     world_size: int = Field(2, ge=1)
@@ -70,6 +76,18 @@ class VerlConfig(BaseModel):
     """CPUs of a local Ray cluster; None: Ray's default."""
     env: dict[str, str] = Field(default_factory=dict)
     """Extra environment variables for every Ray worker."""
+    rollout: Literal["torch"] = "torch"
+    """Who samples. ``torch``: a transformers copy of the policy in each engine worker (verl's rollout
+    slot, :class:`rllm_verl.rollout.TorchRollout`), synced by verl's ``naive`` checkpoint engine after
+    each update; requests are spread over the workers."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Default ``max_tokens`` when a request does not set one."""
+    gen_batch_window_ms: float = Field(5.0, ge=0)
+    """How long the engine waits to gather concurrent requests into one generation batch."""
+    gen_max_batch: int = Field(256, ge=1)
+    """Most sequences in one generation batch (split over the workers)."""
+    multiturn_cache_size: int = Field(4096, ge=0)
+    """Conversations whose sampled tokens the engine remembers, to continue them token-exactly."""
     overrides: list[str] = Field(default_factory=list)
     """Hydra overrides of verl's ``ppo_trainer`` config, applied last (``actor_rollout_ref.actor.x=y``)."""
 
@@ -125,11 +143,6 @@ def algorithm_overrides(algorithm: AlgorithmConfig, loss_scale_factor: float | N
     if algorithm.loss_by_role:
         raise NotImplementedError("algorithm.loss_by_role: rllm-verl applies one loss to every role (for now)")
     optim = algorithm.optim
-    if optim.schedule != "constant" or optim.warmup_steps:
-        # verl steps its scheduler once per update_actor call; mini-batches are separate calls
-        raise NotImplementedError(
-            "algorithm.optim: rllm-verl supports schedule: constant with warmup_steps: 0 only (for now)"
-        )
     out = []
     for key, value in actor_loss_settings(algorithm.loss, loss_scale_factor).items():
         if isinstance(value, dict):
@@ -142,10 +155,27 @@ def algorithm_overrides(algorithm: AlgorithmConfig, loss_scale_factor: float | N
         f"{prefix}.weight_decay={optim.weight_decay}",
         f"{prefix}.betas={_hydra(list(optim.betas))}",
         f"{prefix}.clip_grad={optim.grad_clip if optim.grad_clip is not None else NO_CLIP}",
+        # verl's scheduler stays constant: the driver sets each step's lr from the core's schedule
+        # (OptimConfig.lr_factor), as the torch backend does, whatever the number of mini-batches
         f"{prefix}.lr_scheduler_type=constant",
         f"{prefix}.lr_warmup_steps=0",
     ]
     return out
+
+
+def rollout_overrides(cfg: VerlConfig) -> list[str]:
+    """verl's rollout settings for ``cfg.rollout``: the torch rollout, one replica per rank, weights
+    kept in memory and synced in-process (verl's ``naive`` checkpoint engine)."""
+    from rllm_verl.compat import TORCH_ROLLOUT
+
+    arr = "actor_rollout_ref.rollout"
+    return [
+        f"{arr}.name={TORCH_ROLLOUT}",
+        f"{arr}.tensor_model_parallel_size=1",
+        f"{arr}.free_cache_engine=false",
+        f"{arr}.load_format=auto",
+        f"{arr}.checkpoint_engine.backend=naive",
+    ]
 
 
 def engine_overrides(cfg: VerlConfig) -> list[str]:
@@ -179,15 +209,23 @@ def engine_overrides(cfg: VerlConfig) -> list[str]:
 
 
 def compose_verl_config(
-    cfg: VerlConfig, algorithm: AlgorithmConfig, loss_scale_factor: float | None = None
+    cfg: VerlConfig, algorithm: AlgorithmConfig, loss_scale_factor: float | None = None, *, rollout: bool = False
 ) -> DictConfig:
-    """verl's ``ppo_trainer`` config with :func:`engine_overrides`, :func:`algorithm_overrides`, then
-    ``cfg.overrides``. Raises with verl's own message when an override names no verl key."""
+    """verl's ``ppo_trainer`` config with :func:`engine_overrides`, :func:`algorithm_overrides`,
+    :func:`rollout_overrides` (``rollout``), then ``cfg.overrides``. Raises with verl's own message
+    when an override names no verl key."""
     import verl
     from hydra import compose, initialize_config_dir
 
+    if cfg.model_path is None:
+        raise ValueError("verl.model_path: not resolved (the backend writes the tiny model first)")
     config_dir = str(Path(verl.__file__).parent / "trainer" / "config")
-    overrides = [*engine_overrides(cfg), *algorithm_overrides(algorithm, loss_scale_factor), *cfg.overrides]
+    overrides = [
+        *engine_overrides(cfg),
+        *algorithm_overrides(algorithm, loss_scale_factor),
+        *(rollout_overrides(cfg) if rollout else []),
+        *cfg.overrides,
+    ]
     with initialize_config_dir(config_dir=config_dir, version_base=None):
         return compose(config_name="ppo_trainer", overrides=overrides)
 

@@ -14,6 +14,11 @@ them from a thread when an event loop must keep running.
   core's ``TokenRows.loss_weights(rows=...)`` does.
 * :meth:`VerlWorkers.evaluate_loss`: verl's loss on the rows with the current weights, no update.
 * :meth:`VerlWorkers.set_loss`: a new loss (clip ranges, aggregation) for the following calls.
+* :meth:`VerlWorkers.set_lr`: the learning rate of the following optimiser steps.
+
+With ``rollout=True`` the workers take verl's role ``actor_rollout``: each also holds a sampling copy
+of the policy (:class:`rllm_verl.rollout.TorchRollout`), which :meth:`VerlWorkers.generate` spreads
+requests over and :meth:`VerlWorkers.sync_weights` refreshes through verl's own weight sync.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ class VerlWorkers:
         *,
         loss_scale_factor: float | None = None,
         temperature: float = 1.0,
+        rollout: bool = False,
     ) -> None:
         import ray
         from transformers import AutoTokenizer
@@ -86,7 +92,8 @@ class VerlWorkers:
         """The loss the workers apply (the algorithm's, until :meth:`set_loss`)."""
         self.temperature = float(temperature)
         self.loss_scale_factor = loss_scale_factor
-        self.verl_config = compose_verl_config(cfg, self.algorithm, loss_scale_factor)
+        self.has_rollout = rollout
+        self.verl_config = compose_verl_config(cfg, self.algorithm, loss_scale_factor, rollout=rollout)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model_path, local_files_only=True)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.timings: dict[str, float] = {}
@@ -115,7 +122,9 @@ class VerlWorkers:
             # one process per bundle; max_colocate_count=1, else each bundle asks for 10 CPUs
             self._pool = RayResourcePool([cfg.world_size], use_gpu=cfg.device != "cpu", max_colocate_count=1)
             worker = RayClassWithInitArgs(
-                cls=ray.remote(RLLMActorRolloutRefWorker), config=self.verl_config.actor_rollout_ref, role="actor"
+                cls=ray.remote(RLLMActorRolloutRefWorker),
+                config=self.verl_config.actor_rollout_ref,
+                role="actor_rollout" if rollout else "actor",
             )
             self.group = RayWorkerGroup(
                 resource_pool=self._pool, ray_cls_with_init=worker, device_name=cfg.device, worker_env=env
@@ -218,6 +227,55 @@ class VerlWorkers:
         out["actor/num_tokens"] = float(rows.num_action_tokens)
         out["actor/update_s"] = time.perf_counter() - start
         return out
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the following optimiser steps (on every rank)."""
+        self.group.execute_all_sync("rllm_set_lr", float(lr))
+
+    # -- rollout -------------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: list[Any], seed: int | None = None) -> tuple[list[Any], int]:
+        """Sample a completion per prompt (``rllm_torch.sampling.GenParams`` each) on the workers'
+        rollouts, the batch split evenly over them; the results in order, and the weight version
+        that produced all of them. ``seed``: reseed each worker's sampler (``seed + rank``) first."""
+        import ray
+
+        self._need_rollout()
+        workers = self.group.workers
+        size = -(-len(prompts) // len(workers))
+        calls = []
+        for rank, start in enumerate(range(0, len(prompts), size)):
+            part = slice(start, start + size)
+            rank_seed = None if seed is None else seed + rank
+            calls.append(workers[rank].rllm_generate.remote(prompts[part], params[part], rank_seed))
+        results, versions = [], set()
+        for out, version in ray.get(calls):
+            results.extend(out)
+            versions.add(version)
+        if len(versions) > 1:  # never: a sync and a generation do not overlap (the caller's lock)
+            raise RuntimeError(f"rollout workers serve different weight versions {sorted(versions)}")
+        return results, versions.pop() if versions else -1
+
+    def score(self, rows: list[tuple[list[int], list[int]]], temperature: float = 1.0) -> list[list[float]]:
+        """Logprobs of each row's response under the rollout's weights (rank 0's copy)."""
+        import ray
+
+        self._need_rollout()
+        return ray.get(self.group.workers[0].rllm_score.remote(rows, temperature))
+
+    def sync_weights(self, version: int) -> float:
+        """Copy the actor's weights into every worker's rollout (verl's ``update_weights``, naive
+        checkpoint engine: all ranks gather the full tensors); returns the seconds it took."""
+        import ray
+
+        self._need_rollout()
+        start = time.perf_counter()
+        ray.get(self.group.update_weights(global_steps=int(version), mode="naive"))
+        return time.perf_counter() - start
+
+    def _need_rollout(self) -> None:
+        if not self.has_rollout:
+            raise RuntimeError("these verl workers have no rollout (VerlWorkers(..., rollout=True))")
 
     # -- checkpoints ---------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""One tiny model and, for the slow tests, one Ray cluster with two verl workers for the whole session."""
+"""One tiny model and, for the slow tests, one Ray cluster (and two verl workers) for the whole session."""
 
 from __future__ import annotations
 
@@ -16,7 +16,23 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def verl_workers(tiny_model):
+def ray_cluster():
+    """A local Ray cluster shared by every test that needs one (started once; joined when already up)."""
+    ray = pytest.importorskip("ray")
+    from rllm_verl import compat
+
+    compat.use_cpu_platform()
+    started = not ray.is_initialized()
+    if started:
+        env = {"VERL_PLATFORM": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+        ray.init(num_cpus=6, include_dashboard=False, runtime_env={"env_vars": env})
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def verl_workers(tiny_model, ray_cluster):
     """verl's actor on two gloo ranks (CPU platform, fp32), started once; shut down at the end."""
     from rllm_verl.config import VerlConfig
     from rllm_verl.workers import VerlWorkers

@@ -67,17 +67,17 @@ def test_what_is_not_mapped_yet_fails_by_name(loss, match):
         algorithm_overrides(AlgorithmConfig.model_validate({"loss": loss}))
 
 
-@pytest.mark.parametrize(
-    ("algorithm", "match"),
-    [
-        ({"optim": {"schedule": "cosine"}}, r"algorithm\.optim"),
-        ({"optim": {"warmup_steps": 3}}, r"algorithm\.optim"),
-        ({"loss_by_role": {"judge": {"name": "ppo"}}}, r"algorithm\.loss_by_role"),
-    ],
-)
-def test_what_the_optimiser_mapping_does_not_cover_fails_by_name(algorithm, match):
-    with pytest.raises(NotImplementedError, match=match):
-        algorithm_overrides(AlgorithmConfig.model_validate(algorithm))
+def test_per_role_losses_fail_by_name():
+    with pytest.raises(NotImplementedError, match=r"algorithm\.loss_by_role"):
+        algorithm_overrides(AlgorithmConfig.model_validate({"loss_by_role": {"judge": {"name": "ppo"}}}))
+
+
+def test_verls_scheduler_stays_constant_whatever_the_cores_schedule():
+    """The driver sets each step's lr from ``OptimConfig.lr_factor`` (test_backend checks the values)."""
+    algorithm = AlgorithmConfig.model_validate({"optim": {"schedule": "cosine", "warmup_steps": 3}})
+    overrides = algorithm_overrides(algorithm)
+    assert "actor_rollout_ref.actor.optim.lr_scheduler_type=constant" in overrides
+    assert "actor_rollout_ref.actor.optim.lr_warmup_steps=0" in overrides
 
 
 @pytest.mark.parametrize(("name", "clip_ratio_c"), [("importance_sampling", None), ("ppo", None), ("ppo", 3.0)])

@@ -39,36 +39,42 @@ from rllm_core.types import ModelOutput, TokenInput
 from rllm_torch.multiturn import Sampled, TurnCache, bridge_text, last_reply, template_messages
 from rllm_torch.sampling import GenParams, GenResult, generate, score
 
-__all__ = ["SamplerRuntime", "TorchRolloutEngine"]
+__all__ = ["BaseSamplerRuntime", "SamplerRuntime", "TorchRolloutEngine", "eos_ids_of"]
 
 _SAMPLING_KEYS = {"max_tokens", "max_new_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids"}
 # Accepted and ignored: OpenAI-style knobs that have no meaning for a local sampler.
 _IGNORED_KEYS = {"n", "logprobs", "seed", "model", "frequency_penalty", "presence_penalty"}
 
 
-class SamplerRuntime:
-    """The sampler's model, tokenizer, reference model and worker thread (owned by the backend)."""
+def eos_ids_of(tokenizer: Any, generation_config: Any = None) -> set[int]:
+    """The ids generation stops at: the tokenizer's end-of-sequence token and the model's
+    ``generation_config.eos_token_id`` (an int or a list)."""
+    eos = tokenizer.eos_token_id
+    ids = {eos} if eos is not None else set()
+    extra = getattr(generation_config, "eos_token_id", None)
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif isinstance(extra, list):
+        ids.update(extra)
+    return ids
 
-    def __init__(self, model: Any, tokenizer: Any, *, seed: int, max_new_tokens: int) -> None:
-        self.model = model
+
+class BaseSamplerRuntime:
+    """The text side of a sampler (tokenizer, chat template, encode cache, threads) with the model
+    left to subclasses: :meth:`generate` and :meth:`score` run on :attr:`executor`, under
+    :attr:`lock`. :class:`SamplerRuntime` holds the model in this process; a backend whose model
+    lives elsewhere (another process, a server) implements them as calls to it and reuses
+    :class:`TorchRolloutEngine` as its engine."""
+
+    def __init__(self, tokenizer: Any, *, eos_ids: set[int], max_new_tokens: int) -> None:
         self.tokenizer = tokenizer
         self.reference: Any = None
         self.version = 0
         self.max_new_tokens = max_new_tokens
         self.pad_id = tokenizer.pad_token_id
-        eos = tokenizer.eos_token_id
-        self.eos_ids = {eos} if eos is not None else set()
-        gen_cfg = getattr(model, "generation_config", None)
-        extra = getattr(gen_cfg, "eos_token_id", None)
-        if isinstance(extra, int):
-            self.eos_ids.add(extra)
-        elif isinstance(extra, list):
-            self.eos_ids.update(extra)
-        device = next(model.parameters()).device
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
-        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rllm-torch-sampler")
-        self.text_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rllm-torch-text")
+        self.eos_ids = set(eos_ids)
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rllm-sampler")
+        self.text_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rllm-sampler-text")
         """Chat templates, tokenisation and decoding, off the event loop and off the sampler thread."""
         self.lock = threading.Lock()
         """Held while the sampler's weights are read (generation, scoring) or replaced."""
@@ -112,6 +118,34 @@ class SamplerRuntime:
         return ids
 
     def generate(self, prompts: list[list[int]], params: list[GenParams]) -> tuple[list[GenResult], int]:
+        """Sample a completion for each prompt; also the policy version that produced all of them."""
+        raise NotImplementedError
+
+    def score(self, rows: list[tuple[list[int], list[int]]], which: str) -> list[list[float]]:
+        """Logprobs of each ``(prompt, response)`` row's response under ``which`` (policy, reference)."""
+        raise NotImplementedError
+
+    def copy_reference(self) -> None:
+        """Make the current policy the reference model (``refresh_reference``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no reference model")
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True)
+        self.text_executor.shutdown(wait=True)
+
+
+class SamplerRuntime(BaseSamplerRuntime):
+    """The sampler's model (in this process), tokenizer, reference model and worker thread (owned by the backend)."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, seed: int, max_new_tokens: int) -> None:
+        eos_ids = eos_ids_of(tokenizer, getattr(model, "generation_config", None))
+        super().__init__(tokenizer, eos_ids=eos_ids, max_new_tokens=max_new_tokens)
+        self.model = model
+        device = next(model.parameters()).device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def generate(self, prompts: list[list[int]], params: list[GenParams]) -> tuple[list[GenResult], int]:
         with self.lock:
             self.batches += 1
             self.batch_sizes.append(len(prompts))
@@ -134,9 +168,14 @@ class SamplerRuntime:
                 return score(self.reference, rows, pad_id=self.pad_id)
             return score(self.model, rows, pad_id=self.pad_id)
 
-    def shutdown(self) -> None:
-        self.executor.shutdown(wait=True)
-        self.text_executor.shutdown(wait=True)
+    def copy_reference(self) -> None:
+        import copy
+
+        with self.lock:
+            if self.reference is None:
+                self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+            else:
+                _copy_weights(self.reference, self.model)
 
 
 @dataclass
@@ -164,7 +203,7 @@ class TorchRolloutEngine(RolloutEngine):
 
     def __init__(
         self,
-        runtime: SamplerRuntime,
+        runtime: BaseSamplerRuntime,
         *,
         window_s: float = 0.005,
         max_batch: int = 256,
@@ -363,16 +402,7 @@ class TorchRolloutEngine(RolloutEngine):
 
     async def refresh_reference(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.runtime.executor, self._copy_reference)
-
-    def _copy_reference(self) -> None:
-        import copy
-
-        with self.runtime.lock:
-            if self.runtime.reference is None:
-                self.runtime.reference = copy.deepcopy(self.runtime.model).eval().requires_grad_(False)
-            else:
-                _copy_weights(self.runtime.reference, self.runtime.model)
+        await loop.run_in_executor(self.runtime.executor, self.runtime.copy_reference)
 
 
 def _deliver(batch: list[_Request], outcome: list[ModelOutput] | BaseException) -> None:

@@ -1,0 +1,274 @@
+"""``VerlBackend``: the ``verl`` backend: verl's engine workers on Ray train, their rollouts sample.
+
+One training step, as the trainer drives it::
+
+    generate   the workflow engine's requests -> TorchRolloutEngine (batching, chat template,
+               token-exact multi-turn) -> the batch split over the workers' rollouts (Ray calls)
+    rows       the core's token rows (no second transform) -> DataProto per call (dataproto.py)
+    old logp   verl's compute_log_prob on the actor (reported against the sampler's logprobs;
+               the ratio's denominator with ``algorithm.loss.old_logprobs: recompute``)
+    update     lr from the core's schedule, then verl's update_actor per mini-batch (FSDP, AdamW,
+               verl's PPO loss driven by ``algorithm``)
+    sync       on_policy_updated: verl's update_weights (naive checkpoint engine): every rank's
+               rollout receives the actor's full weights; the engine stamps the new version
+
+Sync and async modes differ only in when the trainer calls ``on_policy_updated``; a generation
+batch and a weight sync never interleave (the runtime's lock), so each output carries the one
+version that produced all of its tokens. Checkpoints are verl's (per-rank model, optimiser, extra
+state under ``verl/``) plus ``rllm_verl.json`` (updates, version); loading one also syncs the
+rollouts, so a resumed run samples from the restored policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rllm_torch.engine import BaseSamplerRuntime, TorchRolloutEngine, eos_ids_of
+
+from rllm_core.config import ConfigError, RLLMConfig
+from rllm_core.protocol import Backend, TrainerState
+from rllm_verl.config import VerlConfig, actor_loss_settings
+
+__all__ = ["VerlBackend", "WorkerSamplerRuntime"]
+
+
+class WorkerSamplerRuntime(BaseSamplerRuntime):
+    """The engine's sampler: generation and scoring on the verl workers' rollouts (blocking Ray calls
+    on the runtime's executor thread, under its lock)."""
+
+    def __init__(self, workers: Any, tokenizer: Any, *, eos_ids: set[int], max_new_tokens: int, seed: int) -> None:
+        super().__init__(tokenizer, eos_ids=eos_ids, max_new_tokens=max_new_tokens)
+        self.workers = workers
+        self._seed: int | None = seed  # sent with the first batch: each rank's sampler gets seed + rank
+
+    def generate(self, prompts: list[list[int]], params: list[Any]) -> tuple[list[Any], int]:
+        with self.lock:
+            self.batches += 1
+            self.batch_sizes.append(len(prompts))
+            seed, self._seed = self._seed, None
+            results, _ = self.workers.generate(prompts, params, seed=seed)
+            return results, self.version
+
+    def score(self, rows: list[tuple[list[int], list[int]]], which: str) -> list[list[float]]:
+        if which != "policy":
+            raise NotImplementedError("the verl backend scores with the policy only (no reference model yet)")
+        with self.lock:
+            return self.workers.score(rows)
+
+
+class VerlBackend(Backend):
+    """The ``verl`` backend; see the module docstring."""
+
+    name = "verl"
+    config_model = VerlConfig
+
+    def __init__(self, config: RLLMConfig) -> None:
+        super().__init__(config)
+        cfg = self.backend_config
+        if not isinstance(cfg, VerlConfig):
+            from rllm_core.config import _validate_section
+
+            cfg = _validate_section(VerlConfig, cfg or {}, self.name)
+        self.validate_config(config)
+        self.seed = config.trainer.seed
+        temperature = config.rollout.train_sampling.get("temperature", 1.0)
+        # logprobs of softmax(logits / T) at the training temperature, in the sampler and in verl alike
+        self.temperature = float(temperature) if isinstance(temperature, int | float) and temperature > 0 else 1.0
+        self._tiny_dir: Path | None = None
+        if cfg.model_path is None:
+            rollout = config.rollout
+            agent_tokens = cfg.tiny.agent_tokens
+            if agent_tokens is None:
+                agent_tokens = rollout.tool_parser is not None or rollout.reasoning_parser is not None
+            self._tiny_dir = _write_tiny_model(cfg, self.seed, bool(agent_tokens))
+            cfg = cfg.model_copy(update={"model_path": str(self._tiny_dir)})
+        self.cfg: VerlConfig = cfg
+        self.backend_config = cfg
+
+        from transformers import AutoTokenizer
+
+        from rllm_verl.workers import VerlWorkers
+
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_path, local_files_only=True)
+        if self.tokenizer.chat_template is None:
+            raise ConfigError(f"verl.model_path: the tokenizer in {cfg.model_path} has no chat template")
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.workers = VerlWorkers(
+            cfg,
+            config.algorithm,
+            loss_scale_factor=config.loss_scale_factor(),
+            temperature=self.temperature,
+            rollout=True,
+        )
+        self.runtime = WorkerSamplerRuntime(
+            self.workers,
+            self.tokenizer,
+            eos_ids=eos_ids_of(self.tokenizer, _generation_config(cfg.model_path)),
+            max_new_tokens=cfg.max_new_tokens,
+            seed=self.seed,
+        )
+        self.updates = 0
+        self._sync_s: float | None = None
+
+    # -- setup ----------------------------------------------------------------------------------
+
+    def validate_config(self, config: RLLMConfig) -> None:
+        algorithm = config.algorithm
+        if any(algorithm.loss_for(role) != algorithm.loss for role in algorithm.loss_by_role):
+            raise ConfigError("algorithm.loss_by_role: the verl backend trains every role with algorithm.loss")
+        try:
+            actor_loss_settings(algorithm.loss, config.loss_scale_factor())
+        except (NotImplementedError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
+        if algorithm.optim.schedule != "constant" and not config.trainer.total_steps:
+            raise ConfigError(
+                f"algorithm.optim.schedule: {algorithm.optim.schedule!r} decays to 0 over trainer.total_steps, "
+                "which is not set"
+            )
+        if config.trainer.mode == "async" and algorithm.loss.old_logprobs == "recompute":
+            warnings.warn(
+                "algorithm.loss.old_logprobs: recompute in async mode divides by the current weights' "
+                "logprobs, which erases the staleness correction; use old_logprobs: sampler",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def init_rollout_engine(self, **kwargs: Any) -> TorchRolloutEngine:
+        if self.rollout_engine is None:
+            from rllm_core.parsers import build_parser
+
+            rollout = self.config.rollout
+            self.rollout_engine = TorchRolloutEngine(
+                self.runtime,
+                window_s=self.cfg.gen_batch_window_ms / 1000.0,
+                max_batch=self.cfg.gen_max_batch,
+                tool_parser=build_parser("tool_parser", rollout.tool_parser),
+                reasoning_parser=build_parser("reasoning_parser", rollout.reasoning_parser),
+                multiturn_cache_size=self.cfg.multiturn_cache_size,
+            )
+            self.rollout_engine.set_weight_version(self.runtime.version)
+        return self.rollout_engine  # type: ignore[return-value]
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    async def transform_to_backend_batch(self, state: TrainerState) -> Any:
+        rows = state.rows
+        if rows is None:
+            from rllm_core.rows import build_rows
+
+            rows = state.rows = build_rows(state.groups)
+        if not all(type(t) is int for tokens in rows.tokens for t in tokens):
+            raise TypeError("the verl backend trains on text only: Step.prompt_ids must be ints")
+        state.backend_batch = rows
+        return rows
+
+    async def process_backend_batch(self, state: TrainerState) -> None:
+        """The actor's logprobs of the sampled tokens (verl's ``compute_log_prob``), compared with the
+        sampler's; they are the old logprobs with ``old_logprobs: recompute``."""
+        rows = state.rows
+        if rows is None or not len(rows):
+            return
+        trainer_lp = await asyncio.to_thread(self.workers.compute_log_prob, rows)
+        on = rows.loss_mask
+        sampler_lp = rows.logprobs[on]
+        known = ~np.isnan(sampler_lp)
+        if known.any():
+            diff = np.abs(trainer_lp[on][known] - sampler_lp[known])
+            state.metrics["actor/logprob_diff_max"] = float(diff.max())
+            state.metrics["actor/logprob_diff_mean"] = float(diff.mean())
+        if self.config.algorithm.loss.old_logprobs == "recompute" or not known.all():
+            state.extra["verl_old_logprobs"] = trainer_lp
+
+    async def update_policy(self, state: TrainerState) -> None:
+        rows = state.rows
+        if rows is None:
+            rows = await self.transform_to_backend_batch(state)
+        if not len(rows):
+            state.metrics["actor/num_seqs"] = 0.0
+            return
+        optim = self.config.algorithm.optim
+        lr = optim.lr * optim.lr_factor(self.updates, self.config.trainer.total_steps)
+        old = state.extra.pop("verl_old_logprobs", None)
+        metrics = await asyncio.to_thread(self._update, rows, state.step, old, lr)
+        state.metrics.update(metrics)
+
+    def _update(self, rows: Any, step: int, old: np.ndarray | None, lr: float) -> dict[str, float]:
+        self.workers.set_lr(lr)
+        metrics = self.workers.update_actor(rows, step=step, old_logprobs=old)
+        self.updates += 1
+        metrics["actor/lr"] = lr
+        if self._sync_s is not None:  # the last sync, which ran after the previous step was logged
+            metrics["rollout/weight_sync_s"] = self._sync_s
+        return metrics
+
+    async def on_policy_updated(self, state: TrainerState, version: int) -> None:
+        self._sync_s = await asyncio.to_thread(self._sync, version)
+        if self.rollout_engine is not None:
+            self.rollout_engine.set_weight_version(version)
+
+    def _sync(self, version: int) -> float:
+        with self.runtime.lock:  # no generation batch straddles the new weights
+            seconds = self.workers.sync_weights(version)
+            self.runtime.version = version
+        return seconds
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        self.workers.save_checkpoint(str(path / "verl"), step=self.updates)
+        meta = {"updates": self.updates, "version": self.runtime.version, "save_s": time.perf_counter() - start}
+        (path / "rllm_verl.json").write_text(json.dumps(meta, indent=2))
+
+    def load_checkpoint(self, path: Path) -> None:
+        path = Path(path)
+        meta_file = path / "rllm_verl.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"verl backend: {path} is not a checkpoint of it (no rllm_verl.json)")
+        meta = json.loads(meta_file.read_text())
+        self.workers.load_checkpoint(str(path / "verl"))
+        self.updates = int(meta["updates"])
+        self._sync(int(meta["version"]))
+        if self.rollout_engine is not None:
+            self.rollout_engine.set_weight_version(self.runtime.version)
+
+    async def shutdown(self) -> None:
+        self.runtime.shutdown()
+        await asyncio.to_thread(self.workers.shutdown)
+        if self._tiny_dir is not None:
+            shutil.rmtree(self._tiny_dir, ignore_errors=True)
+
+
+def _generation_config(model_path: str) -> Any:
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_path, local_files_only=True)
+    except OSError:  # no generation_config.json: the tokenizer's end-of-sequence token alone
+        return None
+
+
+def _write_tiny_model(cfg: VerlConfig, seed: int, agent_tokens: bool) -> Path:
+    """The torch backend's tiny model (same settings and seed: the same weights) as a Hugging Face
+    directory verl can load in its workers."""
+    from rllm_torch.config import TorchBackendConfig
+    from rllm_torch.model import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(
+        TorchBackendConfig(tiny=cfg.tiny, device="cpu"), seed, agent_tokens=agent_tokens
+    )
+    path = Path(tempfile.mkdtemp(prefix="rllm-verl-tiny-"))
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
