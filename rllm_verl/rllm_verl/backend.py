@@ -6,7 +6,8 @@ One training step, as the trainer drives it::
                token-exact multi-turn) -> the batch split over the workers' rollouts (Ray calls)
     rows       the core's token rows (no second transform) -> DataProto per call (dataproto.py)
     old logp   verl's compute_log_prob on the actor (reported against the sampler's logprobs;
-               the ratio's denominator with ``algorithm.loss.old_logprobs: recompute``)
+               the ratio's denominator with ``algorithm.loss.old_logprobs: recompute``); with a
+               KL term, compute_ref_log_prob on the reference (the initial policy, in each worker)
     update     lr from the core's schedule, then verl's update_actor per mini-batch (FSDP, AdamW,
                verl's PPO loss driven by ``algorithm``)
     sync       on_policy_updated: verl's update_weights (naive checkpoint engine): every rank's
@@ -187,6 +188,8 @@ class VerlBackend(Backend):
             state.metrics["actor/logprob_diff_mean"] = float(diff.mean())
         if self.config.algorithm.loss.old_logprobs == "recompute" or not known.all():
             state.extra["verl_old_logprobs"] = trainer_lp
+        if self.workers.has_ref:
+            state.extra["verl_ref_logprobs"] = await asyncio.to_thread(self.workers.compute_ref_log_prob, rows)
 
     async def update_policy(self, state: TrainerState) -> None:
         rows = state.rows
@@ -198,12 +201,15 @@ class VerlBackend(Backend):
         optim = self.config.algorithm.optim
         lr = optim.lr * optim.lr_factor(self.updates, self.config.trainer.total_steps)
         old = state.extra.pop("verl_old_logprobs", None)
-        metrics = await asyncio.to_thread(self._update, rows, state.step, old, lr)
+        ref = state.extra.pop("verl_ref_logprobs", None)
+        metrics = await asyncio.to_thread(self._update, rows, state.step, old, ref, lr)
         state.metrics.update(metrics)
 
-    def _update(self, rows: Any, step: int, old: np.ndarray | None, lr: float) -> dict[str, float]:
+    def _update(
+        self, rows: Any, step: int, old: np.ndarray | None, ref: np.ndarray | None, lr: float
+    ) -> dict[str, float]:
         self.workers.set_lr(lr)
-        metrics = self.workers.update_actor(rows, step=step, old_logprobs=old)
+        metrics = self.workers.update_actor(rows, step=step, old_logprobs=old, ref_logprobs=ref)
         self.updates += 1
         metrics["actor/lr"] = lr
         if self._sync_s is not None:  # the last sync, which ran after the previous step was logged

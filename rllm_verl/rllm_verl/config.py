@@ -6,6 +6,10 @@
 core's algorithm (:func:`algorithm_overrides`), then ``VerlConfig.overrides`` verbatim, so a
 user can reach any verl key.
 
+KL to the reference (``algorithm.loss.kl_coef > 0``) is verl's KL loss (``use_kl_loss``: the
+estimator aggregated like the policy loss, times ``kl_coef``), with the reference model in the
+same workers (role ``actor_rollout_ref``).
+
 Both of the core's policy losses are verl's ``vanilla`` PPO loss, exactly (ratio = exp(clamp(logp - old, ±20))):
 
 * ``ppo``: ``clip_ratio_low = clip_low``, ``clip_ratio_high = clip_high``; dual clip at
@@ -41,6 +45,12 @@ __all__ = [
 
 NO_CLIP = 1.0e9
 """A clip bound no ratio reaches: verl clamps the log-ratio to 20, so the ratio is below 4.9e8."""
+
+VERL_KL_TYPES = {"k1": "kl", "k2": "mse", "k3": "low_var_kl"}
+"""The core's KL estimators by verl's ``kl_loss_type`` names (the same formulas)."""
+
+VERL_K3_CLAMP = 10.0
+"""verl clamps its low-var (k3) KL estimate to ``[-10, 10]`` (not configurable)."""
 
 VERL_LOG_RATIO_CLAMP = 20.0
 """verl's vanilla loss clamps ``logp - old`` to ``[-20, 20]`` (not configurable)."""
@@ -108,8 +118,16 @@ def actor_loss_settings(loss: LossConfig, loss_scale_factor: float | None = None
     """verl actor keys for ``loss`` (see the module docstring); ``loss_scale_factor`` is the core's
     resolved one (``RLLMConfig.loss_scale_factor()``), used by ``seq-mean-token-sum-norm`` only."""
     unsupported = []
+    kl: dict[str, Any] = {"use_kl_loss": False}
     if loss.kl_coef > 0:
-        unsupported.append("kl_coef > 0 (needs the reference worker)")
+        # verl's low_var_kl (k3) is clamped to +-10, its k1 and k2 are not clamped at all
+        clamp = VERL_K3_CLAMP if loss.kl_estimator == "k3" else None
+        if loss.kl_clamp != clamp:
+            unsupported.append(
+                f"kl_clamp {loss.kl_clamp} with kl_estimator {loss.kl_estimator} (verl clamps {loss.kl_estimator} "
+                f"at {clamp}: set algorithm.loss.kl_clamp: {'null' if clamp is None else clamp})"
+            )
+        kl = {"use_kl_loss": True, "kl_loss_coef": loss.kl_coef, "kl_loss_type": VERL_KL_TYPES[loss.kl_estimator]}
     if loss.tis_cap is not None:
         unsupported.append("tis_cap (rollout correction)")
     if loss.max_log_ratio != VERL_LOG_RATIO_CLAMP:
@@ -134,7 +152,7 @@ def actor_loss_settings(loss: LossConfig, loss_scale_factor: float | None = None
         "policy_loss": {"loss_mode": "vanilla"},
         **loss_agg_settings(loss.agg_mode, loss_scale_factor),
         "entropy_coeff": 0.0,
-        "use_kl_loss": False,
+        **kl,
     }
 
 

@@ -93,6 +93,9 @@ class VerlWorkers:
         self.temperature = float(temperature)
         self.loss_scale_factor = loss_scale_factor
         self.has_rollout = rollout
+        self.has_ref = self.algorithm.loss.kl_coef > 0
+        if self.has_ref and not rollout:
+            raise ValueError("algorithm.loss.kl_coef > 0: the reference model comes with rollout=True workers")
         self.verl_config = compose_verl_config(cfg, self.algorithm, loss_scale_factor, rollout=rollout)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model_path, local_files_only=True)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -124,7 +127,7 @@ class VerlWorkers:
             worker = RayClassWithInitArgs(
                 cls=ray.remote(RLLMActorRolloutRefWorker),
                 config=self.verl_config.actor_rollout_ref,
-                role="actor_rollout" if rollout else "actor",
+                role="actor_rollout_ref" if self.has_ref else "actor_rollout" if rollout else "actor",
             )
             self.group = RayWorkerGroup(
                 resource_pool=self._pool, ray_cls_with_init=worker, device_name=cfg.device, worker_env=env
@@ -153,7 +156,13 @@ class VerlWorkers:
 
     # -- calls ---------------------------------------------------------------------------------
 
-    def _batch(self, rows: TokenRows, indices: Sequence[int] | None, old_logprobs: np.ndarray | None) -> Any:
+    def _batch(
+        self,
+        rows: TokenRows,
+        indices: Sequence[int] | None,
+        old_logprobs: np.ndarray | None,
+        ref_logprobs: np.ndarray | None = None,
+    ) -> Any:
         from verl.workers.utils.padding import left_right_2_no_padding
 
         proto = rows_to_dataproto(
@@ -163,27 +172,39 @@ class VerlWorkers:
             old_logprobs=old_logprobs,
             indices=indices,
             temperature=self.temperature,
+            ref_logprobs=ref_logprobs,
         )
         return proto, left_right_2_no_padding(proto.to_tensordict())
 
     def compute_log_prob(self, rows: TokenRows, indices: Sequence[int] | None = None) -> np.ndarray:
         """The current policy's log-probs (at the sampling temperature), ``(T,)`` like
         ``rows.logprobs``: set on every response position (actions and observations), 0 elsewhere."""
+        return self._infer(rows, indices, reference=False)
+
+    def compute_ref_log_prob(self, rows: TokenRows, indices: Sequence[int] | None = None) -> np.ndarray:
+        """The reference model's log-probs (the initial policy), laid out as :meth:`compute_log_prob`'s."""
+        if not self.has_ref:
+            raise RuntimeError("these verl workers have no reference model (algorithm.loss.kl_coef is 0)")
+        return self._infer(rows, indices, reference=True)
+
+    def _infer(self, rows: TokenRows, indices: Sequence[int] | None, reference: bool) -> np.ndarray:
         from verl.utils import tensordict_utils as tu
         from verl.workers.utils.padding import no_padding_2_padding
 
         proto, td = self._batch(rows, indices, None)
         tu.assign_non_tensor(td, calculate_entropy=False, compute_loss=False)
-        out = self.group.compute_log_prob(td)
+        out = (self.group.compute_ref_log_prob if reference else self.group.compute_log_prob)(td)
         log_probs = no_padding_2_padding(tu.get(out, "log_probs"), td)
         return response_values_to_rows(log_probs[: proto.meta_info["num_rows"]], rows, indices)
 
-    def evaluate_loss(self, rows: TokenRows, old_logprobs: np.ndarray | None = None) -> dict[str, float]:
+    def evaluate_loss(
+        self, rows: TokenRows, old_logprobs: np.ndarray | None = None, ref_logprobs: np.ndarray | None = None
+    ) -> dict[str, float]:
         """verl's loss on all ``rows`` with the current weights, without updating them (forward only,
         the same loss function and global normalisers as an update on these rows)."""
         from verl.utils import tensordict_utils as tu
 
-        _, td = self._batch(rows, None, self._old(rows, old_logprobs))
+        _, td = self._batch(rows, None, self._old(rows, old_logprobs), self._ref(rows, ref_logprobs))
         tu.assign_non_tensor(td, calculate_entropy=False, compute_loss=True)
         metrics = tu.get(self.group.compute_log_prob(td), "metrics")
         return {k: _mean(v) for k, v in metrics.items() if k.startswith("actor/") or k == "loss"}
@@ -194,21 +215,33 @@ class VerlWorkers:
             old = self.compute_log_prob(rows)
         return old
 
+    def _ref(self, rows: TokenRows, ref_logprobs: np.ndarray | None) -> np.ndarray | None:
+        if not self.has_ref:
+            return None
+        return self.compute_ref_log_prob(rows) if ref_logprobs is None else ref_logprobs
+
     def update_actor(
-        self, rows: TokenRows, *, step: int = 0, old_logprobs: np.ndarray | None = None
+        self,
+        rows: TokenRows,
+        *,
+        step: int = 0,
+        old_logprobs: np.ndarray | None = None,
+        ref_logprobs: np.ndarray | None = None,
     ) -> dict[str, float]:
         """One training step on ``rows`` (module docstring); verl's metrics averaged over its optimiser
         steps. ``old_logprobs``: what the ratio divides by (default: the sampling logprobs; recomputed
-        when ``algorithm.loss.old_logprobs`` is ``recompute`` or some are unknown)."""
+        when ``algorithm.loss.old_logprobs`` is ``recompute`` or some are unknown). ``ref_logprobs``:
+        the reference's for the KL loss (computed here when the loss has one and they are not given)."""
         from verl.utils import tensordict_utils as tu
 
         start = time.perf_counter()
         old = self._old(rows, old_logprobs)
+        ref = self._ref(rows, ref_logprobs)
         optim = self.algorithm.optim
         sums: dict[str, list[float]] = {}
         parts = mini_batches(len(rows), step, self.cfg.seed, optim.mini_batch_size, optim.epochs)
         for part in parts:
-            proto, td = self._batch(rows, part, old)
+            proto, td = self._batch(rows, part, old, ref)
             tu.assign_non_tensor(
                 td,
                 mini_batch_size=len(proto),

@@ -103,3 +103,12 @@ def test_killed_run_resumes_from_its_checkpoint_with_the_trained_policy(tmp_path
     assert first["actor/logprob_diff_max"] < 1e-4  # the rollouts were synced with the restored actor
     assert first["trainer/weight_version"] == last + 1
     assert sum(m["train/reward/mean"] for _, m in steps[:2]) / 2 > 0.3  # chance is 0.04
+
+
+def test_kl_to_the_initial_policy_is_zero_at_first_and_grows_as_the_policy_moves(tmp_path, ray_cluster):
+    overrides = {"trainer.total_steps": 6, "algorithm.loss.kl_coef": 0.1}
+    _, _, steps = _fit(tmp_path / "run", **overrides)
+    kl = [m["actor/kl_loss"] for m in steps]
+    assert abs(kl[0]) < 1e-6  # the reference is the policy before its first update
+    assert kl[-1] > 1e-3 and kl[-1] > kl[1], kl  # it stays fixed while the policy moves away
+    assert all(m["actor/kl_coef"] == pytest.approx(0.1) for m in steps)

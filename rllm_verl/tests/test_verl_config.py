@@ -56,7 +56,8 @@ def test_a_key_verl_does_not_have_is_an_error(tmp_path):
 @pytest.mark.parametrize(
     ("loss", "match"),
     [
-        ({"kl_coef": 0.1}, "kl_coef"),
+        ({"kl_coef": 0.1, "kl_estimator": "k1"}, "kl_clamp"),
+        ({"kl_coef": 0.1, "kl_clamp": 5.0}, "kl_clamp"),
         ({"tis_cap": 2.0}, "tis_cap"),
         ({"max_log_ratio": 10.0}, "max_log_ratio"),
         ({"name": "dro"}, "algorithm.loss.name"),
@@ -65,6 +66,32 @@ def test_a_key_verl_does_not_have_is_an_error(tmp_path):
 def test_what_is_not_mapped_yet_fails_by_name(loss, match):
     with pytest.raises((NotImplementedError, ValueError), match=match):
         algorithm_overrides(AlgorithmConfig.model_validate({"loss": loss}))
+
+
+@pytest.mark.parametrize(
+    ("estimator", "clamp", "verl_name"), [("k1", None, "kl"), ("k2", None, "mse"), ("k3", 10.0, "low_var_kl")]
+)
+def test_kl_to_the_reference_is_verls_kl_loss(estimator, clamp, verl_name):
+    loss = {"kl_coef": 0.05, "kl_estimator": estimator, "kl_clamp": clamp}
+    overrides = algorithm_overrides(AlgorithmConfig.model_validate({"loss": loss}))
+    assert "actor_rollout_ref.actor.use_kl_loss=true" in overrides
+    assert "actor_rollout_ref.actor.kl_loss_coef=0.05" in overrides
+    assert f"actor_rollout_ref.actor.kl_loss_type={verl_name}" in overrides
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_verls_kl_estimators_are_the_torch_backends(estimator):
+    """verl's ``kl_penalty`` under the mapped name against rllm-torch's (an independent implementation)."""
+    from rllm_torch.losses import kl_penalty
+    from rllm_verl.config import VERL_KL_TYPES
+    from verl.trainer.ppo.core_algos import kl_penalty_forward
+
+    rng = np.random.default_rng(1)
+    logp = torch.from_numpy(rng.uniform(-30, 0, size=256))
+    ref = torch.from_numpy(rng.uniform(-30, 0, size=256))
+    clamp = 10.0 if estimator == "k3" else None
+    expected = kl_penalty(logp, ref, estimator, clamp)
+    torch.testing.assert_close(kl_penalty_forward(logp, ref, VERL_KL_TYPES[estimator]), expected)
 
 
 def test_per_role_losses_fail_by_name():
