@@ -135,10 +135,11 @@ class VerlBackend(Backend):
                 f"algorithm.optim.schedule: {algorithm.optim.schedule!r} decays to 0 over trainer.total_steps, "
                 "which is not set"
             )
-        if config.trainer.mode == "async" and algorithm.loss.old_logprobs == "recompute":
+        if config.trainer.mode == "async" and algorithm.loss.old_logprobs == "recompute" and not algorithm.loss.tis_cap:
             warnings.warn(
                 "algorithm.loss.old_logprobs: recompute in async mode divides by the current weights' "
-                "logprobs, which erases the staleness correction; use old_logprobs: sampler",
+                "logprobs, which erases the staleness correction; set algorithm.loss.tis_cap (e.g. 2.0) "
+                "to weight each token by min(pi_current / pi_sampler, tis_cap), or use old_logprobs: sampler",
                 UserWarning,
                 stacklevel=2,
             )
@@ -186,8 +187,17 @@ class VerlBackend(Backend):
             diff = np.abs(trainer_lp[on][known] - sampler_lp[known])
             state.metrics["actor/logprob_diff_max"] = float(diff.max())
             state.metrics["actor/logprob_diff_mean"] = float(diff.mean())
-        if self.config.algorithm.loss.old_logprobs == "recompute" or not known.all():
+        loss = self.config.algorithm.loss
+        if loss.old_logprobs == "recompute" or not known.all():
             state.extra["verl_old_logprobs"] = trainer_lp
+        if loss.old_logprobs == "recompute" and loss.tis_cap is not None:
+            # truncated importance sampling: the sampler's tokens reweighted towards the trainer's
+            # policy, min(pi_trainer / pi_sampler, tis_cap); 1 where the sampler's logprob is unknown
+            log_ratio = np.minimum(trainer_lp - np.nan_to_num(rows.logprobs, nan=0.0), 20.0)
+            weights = np.minimum(np.exp(log_ratio), loss.tis_cap)
+            weights[np.isnan(rows.logprobs)] = 1.0
+            state.extra["verl_is_weights"] = weights
+            state.metrics["actor/tis_weight_mean"] = float(weights[on].mean())
         if self.workers.has_ref:
             state.extra["verl_ref_logprobs"] = await asyncio.to_thread(self.workers.compute_ref_log_prob, rows)
 
@@ -202,14 +212,14 @@ class VerlBackend(Backend):
         lr = optim.lr * optim.lr_factor(self.updates, self.config.trainer.total_steps)
         old = state.extra.pop("verl_old_logprobs", None)
         ref = state.extra.pop("verl_ref_logprobs", None)
-        metrics = await asyncio.to_thread(self._update, rows, state.step, old, ref, lr)
+        tis = state.extra.pop("verl_is_weights", None)
+        metrics = await asyncio.to_thread(self._update, rows, state.step, lr, old, ref, tis)
         state.metrics.update(metrics)
 
-    def _update(
-        self, rows: Any, step: int, old: np.ndarray | None, ref: np.ndarray | None, lr: float
-    ) -> dict[str, float]:
+    def _update(self, rows: Any, step: int, lr: float, *logprobs: np.ndarray | None) -> dict[str, float]:
+        old, ref, tis = logprobs
         self.workers.set_lr(lr)
-        metrics = self.workers.update_actor(rows, step=step, old_logprobs=old, ref_logprobs=ref)
+        metrics = self.workers.update_actor(rows, step=step, old_logprobs=old, ref_logprobs=ref, is_weights=tis)
         self.updates += 1
         metrics["actor/lr"] = lr
         if self._sync_s is not None:  # the last sync, which ran after the previous step was logged

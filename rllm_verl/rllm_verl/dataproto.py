@@ -89,12 +89,15 @@ def rows_to_dataproto(
     indices: Sequence[int] | None = None,
     temperature: float = 1.0,
     ref_logprobs: np.ndarray | None = None,
+    is_weights: np.ndarray | None = None,
 ) -> DataProto:
     """The verl batch of ``rows`` (see the module docstring), padded to a multiple of ``dp_size``.
 
     ``old_logprobs``: ``(T,)`` flat like ``rows.logprobs`` (e.g. from ``compute_log_prob``);
     None: the sampling logprobs. ``ref_logprobs``: the reference model's, same layout (becomes
-    ``ref_log_prob``, which verl's KL loss reads). ``indices``: a subset of the rows (a mini-batch), in that order;
+    ``ref_log_prob``, which verl's KL loss reads). ``is_weights``: per-token truncated importance
+    weights, same layout (``rollout_is_weights``: verl's policy loss multiplies each token's loss by
+    it). ``indices``: a subset of the rows (a mini-batch), in that order;
     ``global_batch_size`` then counts that subset. The real rows come first; ``non_tensor_batch
     ["is_pad"]`` marks the others, and ``meta_info["num_rows"]`` counts the real ones.
     """
@@ -108,8 +111,11 @@ def rows_to_dataproto(
     old = rows.logprobs if old_logprobs is None else np.asarray(old_logprobs, dtype=np.float64)
     if old.shape != rows.logprobs.shape:
         raise ValueError(f"old_logprobs has shape {old.shape}; the rows hold {rows.logprobs.shape} tokens")
-    if ref_logprobs is not None and np.shape(ref_logprobs) != rows.logprobs.shape:
-        raise ValueError(f"ref_logprobs has shape {np.shape(ref_logprobs)}; the rows hold {rows.logprobs.shape} tokens")
+    extra = {"ref_log_prob": ref_logprobs, "rollout_is_weights": is_weights}
+    for key, values in extra.items():
+        if values is not None and np.shape(values) != rows.logprobs.shape:
+            raise ValueError(f"{key} has shape {np.shape(values)}; the rows hold {rows.logprobs.shape} tokens")
+    extra_out = {k: np.zeros((0, 0), dtype=np.float32) for k, v in extra.items() if v is not None}
 
     n_real = len(chosen)
     size = padded_size(n_real, dp_size)
@@ -126,7 +132,7 @@ def rows_to_dataproto(
     advantages = np.zeros((size, width_r), dtype=np.float32)
     old_lp = np.zeros((size, width_r), dtype=np.float32)
     rollout_lp = np.zeros((size, width_r), dtype=np.float32)
-    ref_lp = np.zeros((size, width_r), dtype=np.float32) if ref_logprobs is not None else None
+    extra_out = {k: np.zeros((size, width_r), dtype=np.float32) for k in extra_out}
     sampled = np.nan_to_num(rows.logprobs, nan=0.0)
     for i, r in enumerate(chosen):
         tokens = _int_tokens(rows.tokens[r], r)
@@ -139,8 +145,8 @@ def rows_to_dataproto(
         advantages[i, :n] = rows.advantages[a + p : a + p + n]
         old_lp[i, :n] = old[a + p : a + p + n]
         rollout_lp[i, :n] = sampled[a + p : a + p + n]
-        if ref_lp is not None:
-            ref_lp[i, :n] = ref_logprobs[a + p : a + p + n]
+        for key, out in extra_out.items():
+            out[i, :n] = extra[key][a + p : a + p + n]
     prompt_attn[n_real:, -1] = 1  # pad rows: one attended pad token of prompt...
     resp_attn[n_real:, 0] = 1  # ...and one of response, masked out of every loss
 
@@ -156,8 +162,7 @@ def rows_to_dataproto(
         "old_log_probs": torch.from_numpy(old_lp),
         "rollout_log_probs": torch.from_numpy(rollout_lp),
     }
-    if ref_lp is not None:
-        tensors["ref_log_prob"] = torch.from_numpy(ref_lp)
+    tensors.update({key: torch.from_numpy(out) for key, out in extra_out.items()})
     n_pad = size - n_real
 
     def column(values: Sequence[Any], pad: Any) -> np.ndarray:

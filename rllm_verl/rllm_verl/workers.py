@@ -162,6 +162,7 @@ class VerlWorkers:
         indices: Sequence[int] | None,
         old_logprobs: np.ndarray | None,
         ref_logprobs: np.ndarray | None = None,
+        is_weights: np.ndarray | None = None,
     ) -> Any:
         from verl.workers.utils.padding import left_right_2_no_padding
 
@@ -173,6 +174,7 @@ class VerlWorkers:
             indices=indices,
             temperature=self.temperature,
             ref_logprobs=ref_logprobs,
+            is_weights=is_weights,
         )
         return proto, left_right_2_no_padding(proto.to_tensordict())
 
@@ -198,22 +200,29 @@ class VerlWorkers:
         return response_values_to_rows(log_probs[: proto.meta_info["num_rows"]], rows, indices)
 
     def evaluate_loss(
-        self, rows: TokenRows, old_logprobs: np.ndarray | None = None, ref_logprobs: np.ndarray | None = None
+        self,
+        rows: TokenRows,
+        old_logprobs: np.ndarray | None = None,
+        ref_logprobs: np.ndarray | None = None,
+        is_weights: np.ndarray | None = None,
     ) -> dict[str, float]:
         """verl's loss on all ``rows`` with the current weights, without updating them (forward only,
         the same loss function and global normalisers as an update on these rows)."""
         from verl.utils import tensordict_utils as tu
 
-        _, td = self._batch(rows, None, self._old(rows, old_logprobs), self._ref(rows, ref_logprobs))
+        old, ref = self._old(rows, old_logprobs), self._ref(rows, ref_logprobs)
+        _, td = self._batch(rows, None, old, ref, is_weights)
         tu.assign_non_tensor(td, calculate_entropy=False, compute_loss=True)
         metrics = tu.get(self.group.compute_log_prob(td), "metrics")
         return {k: _mean(v) for k, v in metrics.items() if k.startswith("actor/") or k == "loss"}
 
     def _old(self, rows: TokenRows, old_logprobs: np.ndarray | None) -> np.ndarray:
-        old = rows.logprobs if old_logprobs is None else np.asarray(old_logprobs, dtype=np.float64)
-        if self.loss.old_logprobs == "recompute" or np.isnan(old[rows.loss_mask]).any():
-            old = self.compute_log_prob(rows)
-        return old
+        """The given old logprobs; else the sampling ones, recomputed when the loss says so or some are unknown."""
+        if old_logprobs is not None:
+            return np.asarray(old_logprobs, dtype=np.float64)
+        if self.loss.old_logprobs == "recompute" or np.isnan(rows.logprobs[rows.loss_mask]).any():
+            return self.compute_log_prob(rows)
+        return rows.logprobs
 
     def _ref(self, rows: TokenRows, ref_logprobs: np.ndarray | None) -> np.ndarray | None:
         if not self.has_ref:
@@ -227,11 +236,13 @@ class VerlWorkers:
         step: int = 0,
         old_logprobs: np.ndarray | None = None,
         ref_logprobs: np.ndarray | None = None,
+        is_weights: np.ndarray | None = None,
     ) -> dict[str, float]:
         """One training step on ``rows`` (module docstring); verl's metrics averaged over its optimiser
-        steps. ``old_logprobs``: what the ratio divides by (default: the sampling logprobs; recomputed
-        when ``algorithm.loss.old_logprobs`` is ``recompute`` or some are unknown). ``ref_logprobs``:
-        the reference's for the KL loss (computed here when the loss has one and they are not given)."""
+        steps. ``old_logprobs``: what the ratio divides by (not given: the sampling logprobs, or the
+        current policy's when ``algorithm.loss.old_logprobs`` is ``recompute`` or some are unknown). ``ref_logprobs``:
+        the reference's for the KL loss (computed here when the loss has one and they are not given).
+        ``is_weights``: per-token truncated importance weights (``tis_cap``), flat like the logprobs."""
         from verl.utils import tensordict_utils as tu
 
         start = time.perf_counter()
@@ -241,7 +252,7 @@ class VerlWorkers:
         sums: dict[str, list[float]] = {}
         parts = mini_batches(len(rows), step, self.cfg.seed, optim.mini_batch_size, optim.epochs)
         for part in parts:
-            proto, td = self._batch(rows, part, old, ref)
+            proto, td = self._batch(rows, part, old, ref, is_weights)
             tu.assign_non_tensor(
                 td,
                 mini_batch_size=len(proto),

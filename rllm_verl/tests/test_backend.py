@@ -48,10 +48,16 @@ def test_sync_run_raises_the_reward_and_the_rollout_serves_every_update(tmp_path
     assert [m["trainer/weight_version"] for m in steps] == [float(i) for i in range(1, 13)]
 
 
-def test_async_run_raises_the_reward(tmp_path, ray_cluster):
-    _, rewards, _ = _fit(tmp_path / "run", **{"trainer.mode": "async"})
+def test_async_run_with_truncated_importance_sampling_raises_the_reward(tmp_path, ray_cluster):
+    """Async: rollouts lag the trainer (sampler and actor logprobs differ), the ratio divides by the
+    actor's recomputed logprobs and each token is weighted by min(pi_actor / pi_sampler, 2)."""
+    overrides = {"trainer.mode": "async", "algorithm.loss.old_logprobs": "recompute", "algorithm.loss.tis_cap": 2.0}
+    _, rewards, steps = _fit(tmp_path / "run", **overrides)
     assert len(rewards) == 12
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3, rewards
+    assert max(m["actor/logprob_diff_max"] for m in steps) > 1e-3  # stale rollouts, really
+    weights = [m["actor/tis_weight_mean"] for m in steps]
+    assert all(0 < w <= 2.0 for w in weights) and any(abs(w - 1.0) > 1e-4 for w in weights), weights
 
 
 def test_the_lr_follows_the_cores_schedule(tmp_path, ray_cluster):

@@ -48,9 +48,12 @@ def sampled_rows(model, seed: int = 1) -> TokenRows:
     return rows
 
 
-def reference_loss(model, rows: TokenRows, loss: LossConfig, grad_norm: bool = False) -> Any:
+def reference_loss(
+    model, rows: TokenRows, loss: LossConfig, grad_norm: bool = False, old: Any = None, tis: Any = None
+) -> Any:
     """The torch backend's batch loss, ``sum_t w_t * policy_loss_t`` (and, with ``grad_norm``, the
-    norm of its gradient, on a copy of the model)."""
+    norm of its gradient, on a copy of the model). ``old``: the ratio's denominator (default: the
+    sampling logprobs); ``tis``: per-token truncated importance weights (flat, like the logprobs)."""
     from rllm_torch.losses import policy_loss
     from rllm_torch.sampling import response_logits, token_logprobs
 
@@ -62,12 +65,13 @@ def reference_loss(model, rows: TokenRows, loss: LossConfig, grad_norm: bool = F
     w = torch.from_numpy(rows.loss_weights(loss.agg_mode, loss.loss_scale_factor)[mask])
     per_token, _ = policy_loss(
         token_logprobs(logits, targets)[on].double(),
-        torch.from_numpy(rows.logprobs[mask]),
+        torch.from_numpy((rows.logprobs if old is None else old)[mask]),
         torch.from_numpy(rows.advantages[mask]),
         name=loss.name,
         clip_low=loss.clip_low,
         clip_high=loss.clip_high,
         clip_ratio_c=loss.clip_ratio_c,
+        tis_weight=None if tis is None else torch.from_numpy(tis[mask]),
     )
     total = (w * per_token).sum()
     if not grad_norm:
@@ -115,6 +119,25 @@ def test_verls_loss_on_the_rows_is_the_torch_backends_loss(verl_workers, tiny_mo
     assert got["actor/pg_loss"] == pytest.approx(reference_loss(tiny_model[1], rows, loss), rel=1e-5, abs=1e-7)
     if loss.name == "ppo":
         assert 0 < got["actor/pg_clipfrac"] < 1  # the clip acts on some tokens, not all
+
+
+def test_truncated_importance_weights_scale_each_tokens_loss_as_in_the_torch_backend(verl_workers, tiny_model):
+    """``tis_cap``: the ratio divides by old logprobs that differ from the sampler's (here: the current
+    model's, shifted), and each token's loss is weighted by min(pi_old / pi_sampler, cap), as verl's
+    ``rollout_is_weights``; some tokens hit the cap, the rest do not."""
+    rows = sampled_rows(tiny_model[1])
+    loss = LossConfig(name="ppo", old_logprobs="recompute", tis_cap=1.2)
+    old = np.where(rows.loss_mask, reference_logprobs(tiny_model[1], rows) + 0.05, 0.0)
+    tis = np.minimum(np.exp(np.minimum(old - rows.logprobs, 20.0)), loss.tis_cap)
+    assert 0 < (tis[rows.loss_mask] == 1.2).mean() < 1
+    verl_workers.set_loss(loss)
+    try:
+        got = verl_workers.evaluate_loss(rows, old_logprobs=old, is_weights=tis)
+    finally:
+        verl_workers.set_loss(verl_workers.algorithm.loss)
+    expected = reference_loss(tiny_model[1], rows, loss, old=old, tis=tis)
+    assert got["actor/pg_loss"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    assert got["actor/pg_loss"] != pytest.approx(reference_loss(tiny_model[1], rows, loss, old=old), rel=1e-3)
 
 
 @pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean"])
