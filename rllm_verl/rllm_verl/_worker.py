@@ -32,6 +32,11 @@ class RLLMActorRolloutRefWorker(ActorRolloutRefWorker):
     def rllm_score(self, rows: list[tuple[list[int], list[int]]], temperature: float = 1.0) -> list[list[float]]:
         return self.rollout.score(rows, temperature)
 
+    def rllm_environ(self, names: list[str]) -> dict[str, str | None]:
+        import os
+
+        return {name: os.environ.get(name) for name in names}
+
     def rllm_set_lr(self, lr: float) -> None:
         """Use ``lr`` from the next optimiser step on (the core's schedule, computed by the driver).
         verl's scheduler is constant; its base lr moves too, so its step keeps this lr."""

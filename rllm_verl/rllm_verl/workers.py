@@ -38,7 +38,23 @@ from rllm_verl.dataproto import response_values_to_rows, rows_to_dataproto
 if TYPE_CHECKING:  # pragma: no cover
     from rllm_core.rows import TokenRows
 
-__all__ = ["VerlWorkers", "mini_batches"]
+__all__ = ["FORWARDED_ENV", "VerlWorkers", "forwarded_env", "mini_batches"]
+
+FORWARDED_ENV = ("PYTHONPATH", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "PYTORCH_CUDA_ALLOC_CONF")
+"""Variables of the driver's environment that every worker gets (with any ``HF_*``, ``TRANSFORMERS_*``,
+``RLLM_*``, ``VERL_*`` and ``NCCL_*``): imports, Hugging Face offline/cache settings, rllm's plugin
+allow/block lists and verl's platform reach workers on every node of the cluster. The GPUs a worker
+sees (``CUDA_VISIBLE_DEVICES``) are Ray's to set, per worker, and are not forwarded."""
+
+_FORWARDED_PREFIXES = ("HF_", "TRANSFORMERS_", "RLLM_", "VERL_", "NCCL_")
+
+
+def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The part of ``environ`` (default: this process's) that workers inherit (:data:`FORWARDED_ENV`)."""
+    import os
+
+    environ = dict(os.environ if environ is None else environ)
+    return {k: v for k, v in environ.items() if k in FORWARDED_ENV or k.startswith(_FORWARDED_PREFIXES)}
 
 
 def mini_batches(n_rows: int, step: int, seed: int, mini_batch_size: int | None, epochs: int) -> list[list[int]]:
@@ -101,7 +117,7 @@ class VerlWorkers:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.timings: dict[str, float] = {}
 
-        env = {"TOKENIZERS_PARALLELISM": "false", **cfg.env}
+        env = {"TOKENIZERS_PARALLELISM": "false", **forwarded_env(), **cfg.env}
         if cfg.device == "cpu":
             compat.use_cpu_platform()
             env["VERL_PLATFORM"] = compat.CPU_PLATFORM
@@ -271,6 +287,10 @@ class VerlWorkers:
         out["actor/num_tokens"] = float(rows.num_action_tokens)
         out["actor/update_s"] = time.perf_counter() - start
         return out
+
+    def worker_env(self, names: Sequence[str]) -> list[dict[str, str | None]]:
+        """What each worker's process environment holds for ``names`` (by rank)."""
+        return self.group.execute_all_sync("rllm_environ", list(names))
 
     def set_lr(self, lr: float) -> None:
         """The learning rate of the following optimiser steps (on every rank)."""

@@ -118,3 +118,40 @@ def test_kl_to_the_initial_policy_is_zero_at_first_and_grows_as_the_policy_moves
     assert abs(kl[0]) < 1e-6  # the reference is the policy before its first update
     assert kl[-1] > 1e-3 and kl[-1] > kl[1], kl  # it stays fixed while the policy moves away
     assert all(m["actor/kl_coef"] == pytest.approx(0.1) for m in steps)
+
+
+def test_workers_get_the_drivers_plugin_hf_and_path_settings(tmp_path, ray_cluster, monkeypatch):
+    import asyncio
+
+    from rllm_verl.backend import VerlBackend
+    from verl_run_helpers import verl_config
+
+    monkeypatch.setenv("RLLM_PLUGINS_BLOCK", "wandb")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("PYTHONPATH", f"{HERE}{os.pathsep}{tmp_path}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "7")
+    backend = VerlBackend(verl_config(str(tmp_path / "run")))
+    try:
+        seen = backend.workers.worker_env(["RLLM_PLUGINS_BLOCK", "HF_HOME", "PYTHONPATH", "CUDA_VISIBLE_DEVICES"])
+    finally:
+        asyncio.run(backend.shutdown())
+    assert len(seen) == 2
+    for env in seen:
+        assert env["RLLM_PLUGINS_BLOCK"] == "wandb"
+        assert env["HF_HOME"] == str(tmp_path / "hf")
+        assert str(tmp_path) in env["PYTHONPATH"].split(os.pathsep)
+        assert env["CUDA_VISIBLE_DEVICES"] != "7"  # Ray's to set per worker, never the driver's
+
+
+def test_async_run_trains_on_every_batch_generated_before_the_data_ran_out(tmp_path, ray_cluster):
+    """Generation reaches the end of the data (2 epochs of 2 batches) before the trainer is done: the
+    trainer still consumes every queued batch, then the run ends normally."""
+    overrides = {
+        "trainer.mode": "async",
+        "trainer.total_steps": "null",
+        "trainer.epochs": 2,
+        "data.train_batch_size": 4,
+    }
+    trainer, rewards, _ = _fit(tmp_path / "run", **overrides)
+    assert len(rewards) == 4
+    assert trainer.step == 4
