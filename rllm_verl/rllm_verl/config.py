@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rllm_torch.config import TinyModelSettings
 
 from rllm_core.config import AlgorithmConfig, LossConfig
@@ -70,7 +70,10 @@ class VerlConfig(BaseModel):
     device: Literal["cpu", "cuda"] = "cuda"
     """``cpu``: verl's engines on CPU through rllm-verl's CPU platform (gloo, fp32), as in CI."""
     world_size: int = Field(2, ge=1)
-    """Training ranks (one process each; FSDP over all of them, data parallel)."""
+    """Training ranks in all (one process and, on GPU, one GPU each; FSDP over all of them)."""
+    nnodes: int = Field(1, ge=1)
+    """Machines the ranks are spread over, ``world_size / nnodes`` on each (one Ray placement group
+    per node); more than one needs ``ray_address`` (a cluster started with ``ray start``)."""
     strategy: Literal["fsdp2", "fsdp"] = "fsdp2"
     param_dtype: Literal["fp32", "bf16"] = "fp32"
     """FSDP mixed-precision compute dtype (reductions and buffers stay fp32)."""
@@ -79,6 +82,9 @@ class VerlConfig(BaseModel):
     """Token budget of one forward/backward on one rank, for updates and log-probs (verl's dynamic
     batch size: rows are packed into micro-batches up to this many tokens; a longer row runs alone)."""
     gradient_checkpointing: bool = False
+    entropy_coef: float = Field(0.0, ge=0)
+    """Entropy bonus (verl's ``entropy_coeff``): ``entropy_coef * entropy`` aggregated like the loss is
+    subtracted from it, as ``torch.entropy_coef``; keeps a small model exploring."""
     seed: int = 42
     ray_address: str | None = None
     """Join an existing Ray cluster; None: start a local one (and stop it on shutdown)."""
@@ -100,6 +106,12 @@ class VerlConfig(BaseModel):
     """Conversations whose sampled tokens the engine remembers, to continue them token-exactly."""
     overrides: list[str] = Field(default_factory=list)
     """Hydra overrides of verl's ``ppo_trainer`` config, applied last (``actor_rollout_ref.actor.x=y``)."""
+
+    @model_validator(mode="after")
+    def _ranks_per_node(self) -> VerlConfig:
+        if self.world_size % self.nnodes:
+            raise ValueError(f"world_size {self.world_size} is not a multiple of nnodes {self.nnodes}")
+        return self
 
 
 def _hydra(value: Any) -> str:
@@ -149,7 +161,6 @@ def actor_loss_settings(loss: LossConfig, loss_scale_factor: float | None = None
         "clip_ratio": clips["clip_ratio_low"],
         "policy_loss": {"loss_mode": "vanilla"},
         **loss_agg_settings(loss.agg_mode, loss_scale_factor),
-        "entropy_coeff": 0.0,
         **kl,
     }
 
@@ -205,12 +216,13 @@ def engine_overrides(cfg: VerlConfig) -> list[str]:
         f"+{arr}.model.override_config.attn_implementation={cfg.attn_implementation}",
         f"{arr}.actor.strategy={cfg.strategy}",
         f"{arr}.actor.use_torch_compile=false",
+        f"{arr}.actor.entropy_coeff={cfg.entropy_coef}",
         f"{arr}.actor.use_dynamic_bsz=true",
         f"{arr}.actor.ppo_max_token_len_per_gpu={cfg.max_tokens_per_micro_batch}",
         f"{arr}.rollout.log_prob_max_token_len_per_gpu={cfg.max_tokens_per_micro_batch}",
         f"{arr}.ref.log_prob_max_token_len_per_gpu={cfg.max_tokens_per_micro_batch}",
-        f"trainer.n_gpus_per_node={cfg.world_size}",
-        "trainer.nnodes=1",
+        f"trainer.n_gpus_per_node={cfg.world_size // cfg.nnodes}",
+        f"trainer.nnodes={cfg.nnodes}",
         f"trainer.device={cfg.device}",
     ]
     for role in ("actor", "ref"):

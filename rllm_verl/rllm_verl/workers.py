@@ -139,7 +139,8 @@ class VerlWorkers:
         self.group: Any = None
         try:
             # one process per bundle; max_colocate_count=1, else each bundle asks for 10 CPUs
-            self._pool = RayResourcePool([cfg.world_size], use_gpu=cfg.device != "cpu", max_colocate_count=1)
+            per_node = [cfg.world_size // cfg.nnodes] * cfg.nnodes  # one placement group per node
+            self._pool = RayResourcePool(per_node, use_gpu=cfg.device != "cpu", max_colocate_count=1)
             worker = RayClassWithInitArgs(
                 cls=ray.remote(RLLMActorRolloutRefWorker),
                 config=self.verl_config.actor_rollout_ref,
@@ -228,7 +229,7 @@ class VerlWorkers:
 
         old, ref = self._old(rows, old_logprobs), self._ref(rows, ref_logprobs)
         _, td = self._batch(rows, None, old, ref, is_weights)
-        tu.assign_non_tensor(td, calculate_entropy=False, compute_loss=True)
+        tu.assign_non_tensor(td, calculate_entropy=self.cfg.entropy_coef > 0, compute_loss=True)
         metrics = tu.get(self.group.compute_log_prob(td), "metrics")
         return {k: _mean(v) for k, v in metrics.items() if k.startswith("actor/") or k == "loss"}
 
@@ -275,7 +276,7 @@ class VerlWorkers:
                 epochs=1,
                 seed=self.cfg.seed,
                 dataloader_kwargs={"shuffle": False},
-                calculate_entropy=False,
+                calculate_entropy=self.cfg.entropy_coef > 0,
                 compute_loss=True,
             )
             metrics = tu.get(self.group.update_actor(td), "metrics")

@@ -112,7 +112,8 @@ def test_killed_run_resumes_from_its_checkpoint_with_the_trained_policy(tmp_path
 
 
 def test_kl_to_the_initial_policy_is_zero_at_first_and_grows_as_the_policy_moves(tmp_path, ray_cluster):
-    overrides = {"trainer.total_steps": 6, "algorithm.loss.kl_coef": 0.1}
+    # also the multi-node layout: one placement group per "node" (both on this machine here)
+    overrides = {"trainer.total_steps": 6, "algorithm.loss.kl_coef": 0.1, "verl.nnodes": 2}
     _, _, steps = _fit(tmp_path / "run", **overrides)
     kl = [m["actor/kl_loss"] for m in steps]
     assert abs(kl[0]) < 1e-6  # the reference is the policy before its first update

@@ -45,6 +45,12 @@ def test_composed_config_is_verls_defaults_with_the_cores_algorithm(composed):
     assert actor.kl_loss_type == "low_var_kl"  # untouched keys keep verl's defaults
 
 
+def test_the_entropy_bonus_is_verls_entropy_coeff(tmp_path):
+    composed = compose_verl_config(VerlConfig(model_path=str(tmp_path), entropy_coef=0.02), AlgorithmConfig())
+    assert composed.actor_rollout_ref.actor.entropy_coeff == 0.02
+    assert actor_config(composed, LossConfig()).entropy_coeff == 0.02  # a new loss keeps it
+
+
 def test_a_key_verl_does_not_have_is_an_error(tmp_path):
     from hydra.errors import ConfigCompositionException
 
