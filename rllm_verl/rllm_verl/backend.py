@@ -13,6 +13,11 @@ One training step, as the trainer drives it::
     sync       on_policy_updated: verl's update_weights (naive checkpoint engine): every rank's
                rollout receives the actor's full weights; the engine stamps the new version
 
+With ``rollout: vllm_http`` vLLM servers outside verl sample instead (token in, token out over
+HTTP), and the sync is rank 0 pushing the actor's full tensors through Ray's object store to an
+agent on each server's host, which reloads them (``weight_sync.py``); parity of the servers'
+log-probs with the actor's is checked on a probe after every sync and at start-up.
+
 Sync and async modes differ only in when the trainer calls ``on_policy_updated``; a generation
 batch and a weight sync never interleave (the runtime's lock), so each output carries the one
 version that produced all of its tokens. Checkpoints are verl's (per-rank model, optimiser, extra
@@ -28,6 +33,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +44,7 @@ from rllm_core.config import ConfigError, RLLMConfig
 from rllm_core.protocol import Backend, TrainerState
 from rllm_verl.config import VerlConfig, actor_loss_settings
 
-__all__ = ["VerlBackend", "WorkerSamplerRuntime"]
+__all__ = ["HttpSamplerRuntime", "VerlBackend", "WorkerSamplerRuntime"]
 
 
 class WorkerSamplerRuntime(BaseSamplerRuntime):
@@ -65,6 +71,29 @@ class WorkerSamplerRuntime(BaseSamplerRuntime):
             return self.workers.score(rows)
 
 
+class HttpSamplerRuntime(BaseSamplerRuntime):
+    """The engine's sampler with ``rollout: vllm_http``: token-in/token-out requests to vLLM servers
+    (:class:`rllm_verl.http_rollout.VLLMHttpRollout`), under the runtime's lock, so a weight push
+    (which takes the lock) never lands in the middle of a batch."""
+
+    def __init__(self, client: Any, tokenizer: Any, *, eos_ids: set[int], max_new_tokens: int) -> None:
+        super().__init__(tokenizer, eos_ids=eos_ids, max_new_tokens=max_new_tokens)
+        self.client = client
+
+    def generate(self, prompts: list[list[int]], params: list[Any]) -> tuple[list[Any], int]:
+        with self.lock:
+            self.batches += 1
+            self.batch_sizes.append(len(prompts))
+            return self.client.generate(prompts, params), self.version
+
+    def score(self, rows: list[tuple[list[int], list[int]]], which: str) -> list[list[float]]:
+        raise NotImplementedError("the verl backend's vllm_http rollout does not score sequences (compute_logprobs)")
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        self.client.close()
+
+
 class VerlBackend(Backend):
     """The ``verl`` backend; see the module docstring."""
 
@@ -83,6 +112,7 @@ class VerlBackend(Backend):
         temperature = config.rollout.train_sampling.get("temperature", 1.0)
         # logprobs of softmax(logits / T) at the training temperature, in the sampler and in verl alike
         self.temperature = float(temperature) if isinstance(temperature, int | float) and temperature > 0 else 1.0
+        self._check_rollout(cfg)
         self._tiny_dir: Path | None = None
         if cfg.model_path is None:
             rollout = config.rollout
@@ -103,24 +133,102 @@ class VerlBackend(Backend):
             raise ConfigError(f"verl.model_path: the tokenizer in {cfg.model_path} has no chat template")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        in_workers = cfg.rollout == "torch"
         self.workers = VerlWorkers(
             cfg,
             config.algorithm,
             loss_scale_factor=config.loss_scale_factor(),
             temperature=self.temperature,
-            rollout=True,
+            rollout=in_workers,
         )
-        self.runtime = WorkerSamplerRuntime(
-            self.workers,
-            self.tokenizer,
-            eos_ids=eos_ids_of(self.tokenizer, _generation_config(cfg.model_path)),
-            max_new_tokens=cfg.max_new_tokens,
-            seed=self.seed,
-        )
+        eos_ids = eos_ids_of(self.tokenizer, _generation_config(cfg.model_path))
+        self._servers: list[Any] = []
+        self._weight_sync: Any = None
+        self._probe: list[int] = []
+        try:
+            if in_workers:
+                self.runtime: BaseSamplerRuntime = WorkerSamplerRuntime(
+                    self.workers, self.tokenizer, eos_ids=eos_ids, max_new_tokens=cfg.max_new_tokens, seed=self.seed
+                )
+            else:
+                self.runtime = self._start_http_rollout(cfg, eos_ids)
+        except BaseException:
+            self._stop_servers()
+            self.workers.shutdown()
+            raise
         self.updates = 0
         self._sync_s: float | None = None
+        self._push_metrics: dict[str, float] = {}
 
     # -- setup ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_rollout(cfg: VerlConfig) -> None:
+        """vLLM's ``reload_weights`` updates an input embedding but not an output head tied to it, so
+        ``rollout: vllm_http`` would sample from stale weights after the first sync: untied models only."""
+        if cfg.rollout != "vllm_http":
+            return
+        if cfg.model_path is None:
+            field, tied = "verl.tiny.tie_word_embeddings", cfg.tiny.tie_word_embeddings
+        else:
+            config_file = Path(cfg.model_path) / "config.json"
+            field = "verl.model_path"
+            tied = config_file.is_file() and json.loads(config_file.read_text()).get("tie_word_embeddings", False)
+        if tied:
+            raise ConfigError(
+                f"{field}: the model ties its output head to its input embedding, which vLLM's weight reload "
+                "leaves stale (rollout: vllm_http); use an untied model (tiny: tie_word_embeddings: false)"
+            )
+
+    def _start_http_rollout(self, cfg: VerlConfig, eos_ids: set[int]) -> HttpSamplerRuntime:
+        """The vLLM servers (launched here unless given), the client, the weight sync and its parity
+        probe; the servers must start out serving the actor's weights (checked)."""
+        from rllm_verl.http_rollout import VLLMHttpRollout
+        from rllm_verl.vllm_server import start_vllm_server, wait_healthy
+        from rllm_verl.weight_sync import PARITY_TOLERANCE, ObjectStoreWeightSync
+
+        settings = cfg.vllm
+        urls = list(settings.servers)
+        if urls:
+            wait_healthy(urls, timeout_s=settings.startup_timeout_s)
+        else:
+            for _ in range(settings.launch):
+                server = start_vllm_server(
+                    str(cfg.model_path),
+                    venv=settings.venv,
+                    dtype=settings.dtype,
+                    kv_cache_bytes=settings.kv_cache_bytes,
+                    startup_timeout_s=settings.startup_timeout_s,
+                )
+                self._servers.append(server)
+                urls.append(server.base_url)
+        tolerance = settings.parity_tolerance or PARITY_TOLERANCE.get(settings.dtype, PARITY_TOLERANCE["bfloat16"])
+        self._weight_sync = ObjectStoreWeightSync(
+            urls, bucket_bytes=settings.bucket_mb << 20, pause_mode=settings.pause_mode, tolerance=tolerance
+        )
+        tokens = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "1 2 3 4 5 6 7 8 9 0"}], add_generation_prompt=True, tokenize=True
+        )
+        tokens = list(tokens["input_ids"] if isinstance(tokens, Mapping) else tokens)
+        self._probe = tokens
+        self._weight_sync.check_parity(self._parity_probe())  # the servers hold the model the actor trains
+        client = VLLMHttpRollout(urls)
+        return HttpSamplerRuntime(client, self.tokenizer, eos_ids=eos_ids, max_new_tokens=cfg.max_new_tokens)
+
+    def _parity_probe(self) -> Any:
+        """The probe's tokens with the actor's current log-probs of them (temperature 1, as vLLM's
+        prompt log-probs)."""
+        from rllm_verl.weight_sync import ParityProbe
+
+        return ParityProbe(self._probe, self.workers.score_tokens(self._probe))
+
+    def _stop_servers(self) -> None:
+        if self._weight_sync is not None:
+            self._weight_sync.close()
+            self._weight_sync = None
+        for server in self._servers:
+            server.stop()
+        self._servers = []
 
     def validate_config(self, config: RLLMConfig) -> None:
         algorithm = config.algorithm
@@ -224,6 +332,7 @@ class VerlBackend(Backend):
         metrics["actor/lr"] = lr
         if self._sync_s is not None:  # the last sync, which ran after the previous step was logged
             metrics["rollout/weight_sync_s"] = self._sync_s
+            metrics.update(self._push_metrics)
         return metrics
 
     async def on_policy_updated(self, state: TrainerState, version: int) -> None:
@@ -233,7 +342,16 @@ class VerlBackend(Backend):
 
     def _sync(self, version: int) -> float:
         with self.runtime.lock:  # no generation batch straddles the new weights
-            seconds = self.workers.sync_weights(version)
+            if self._weight_sync is None:
+                seconds = self.workers.sync_weights(version)
+            else:
+                report = self.workers.push_weights(self._weight_sync, version, self._parity_probe())
+                seconds = report.total_s
+                self._push_metrics = {
+                    "rollout/weight_sync_mb": report.bytes / 2**20,
+                    "rollout/weight_sync_reload_s": report.reload_s,
+                    "rollout/parity_max_diff": report.max_parity_diff or 0.0,
+                }
             self.runtime.version = version
         return seconds
 
@@ -261,6 +379,7 @@ class VerlBackend(Backend):
 
     async def shutdown(self) -> None:
         self.runtime.shutdown()
+        await asyncio.to_thread(self._stop_servers)
         await asyncio.to_thread(self.workers.shutdown)
         if self._tiny_dir is not None:
             shutil.rmtree(self._tiny_dir, ignore_errors=True)

