@@ -51,3 +51,19 @@ def verl_workers(tiny_model, ray_cluster):
     workers = VerlWorkers(cfg, algorithm)
     yield workers
     workers.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests need CUDA: elsewhere they are skipped (reported as skipped, never as passed)."""
+    gpu_items = [item for item in items if "gpu" in item.keywords]
+    if not gpu_items:
+        return
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if not has_gpu:
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))

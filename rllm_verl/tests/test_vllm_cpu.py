@@ -15,7 +15,6 @@ session's Ray cluster (``ray_cluster`` in conftest.py).
 from __future__ import annotations
 
 import copy
-import os
 import socket
 import sys
 import threading
@@ -25,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from rllm_verl.http_rollout import HttpRolloutError, RetryPolicy, VLLMHttpRollout
-from rllm_verl.vllm_server import VLLM_VENV_ENV, VLLMServerError, free_port, start_vllm_server
+from rllm_verl.vllm_server import VLLMServerError, free_port, start_vllm_server
 from rllm_verl.weight_sync import ObjectStoreWeightSync, ParityError, ParityProbe, SyncTarget, WeightSyncError
 from verl_test_helpers import vllm_venv_or_skip
 
