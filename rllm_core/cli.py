@@ -4,9 +4,12 @@
 ``rllm config show CONFIG [a.b=c ...]``        the resolved config as YAML, plugin defaults included
 ``rllm train CONFIG [a.b=c ...]``              run ``UnifiedTrainer(load_config(...)).fit()``
 ``rllm export CHECKPOINT OUT [--backend NAME]`` the backend's export of a checkpoint (e.g. a HF model dir)
+``rllm serve CONFIG [a.b=c ...]``              the gateway (``rllm-gateway``) in front of the config's
+                                               rollout engine, for debugging agents, until Ctrl-C
 
 Exit codes: 0 success, 1 runtime failure (the traceback is printed), 2 bad config or bad
-arguments, 130 interrupted (``rllm train`` stopped by Ctrl-C, after its checkpoint).
+arguments, 130 interrupted (``rllm train`` stopped by Ctrl-C, after its checkpoint; ``rllm serve``
+stopped by Ctrl-C, its only way to end).
 Importing this module is cheap; each command imports what it needs when it runs.
 """
 
@@ -212,6 +215,74 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# rllm serve
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """The gateway in front of the rollout engine the trainer would build, until Ctrl-C.
+
+    The backend and its engine are built as ``UnifiedTrainer`` builds them; the sampling defaults are
+    ``rollout.train_sampling`` (``--validation``: ``val_sampling``), which a request's own settings
+    override. One session is opened at start and printed with its key; the admin key opens more and
+    shows what a session recorded.
+    """
+    try:
+        from rllm_gateway import Gateway
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] != "rllm_gateway":
+            raise  # installed, but something it needs is not: the traceback says what
+        raise _UsageError("needs the gateway plugin, which is not installed: pip install rllm-gateway") from None
+    import asyncio
+    import secrets
+    import urllib.parse
+
+    from rllm_core.config import load_config, validate_plugin_sections
+    from rllm_core.engine import SamplingEngine
+    from rllm_core.plugins import get_registry
+
+    config = load_config(args.config, overrides=args.overrides)
+    validate_plugin_sections(config)
+    backend = get_registry().resolve("backend", config.backend)(config)
+    backend.validate_config(config)
+    engine = backend.init_rollout_engine()
+    if getattr(backend, "rollout_engine", None) is None:
+        backend.rollout_engine = engine
+    sampling = config.rollout.val_sampling if args.validation else config.rollout.train_sampling
+    served = SamplingEngine(engine, sampling, is_validation=args.validation)
+    admin_key = args.admin_key or "sk-rllm-admin-" + secrets.token_urlsafe(24)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    gateway = Gateway(served, host=args.host, port=args.port, advertise=args.advertise, loop=loop, admin_key=admin_key)
+    try:
+        try:
+            gateway.start()
+        except OSError as exc:
+            raise _UsageError(f"--host {args.host} --port {args.port}: cannot listen there ({exc})") from None
+        url, key = gateway.open(args.session)
+        base, sid = gateway.base_url, urllib.parse.quote(args.session, safe="")
+        auth = f"-H 'Authorization: Bearer {admin_key}'"
+        print(
+            f"rllm serve: gateway for backend {config.backend!r} on {base} "
+            f"({'validation' if args.validation else 'training'} sampling)\n"
+            f"session {args.session!r}, ready for an OpenAI client:\n"
+            f"  export OPENAI_BASE_URL={url}\n"
+            f"  export OPENAI_API_KEY={key}\n"
+            f"admin key: {admin_key}\n"
+            f'open another session:   curl -s -X POST {base}/sessions {auth} -d \'{{"session_id": "mine"}}\'\n'
+            f"what a session recorded: curl -s {base}/sessions/{sid}/traces {auth}\n"
+            f"close a session:        curl -s -X DELETE {base}/sessions/{sid} {auth}\n"
+            "serving until Ctrl-C",
+            flush=True,
+        )
+        loop.run_forever()  # the engine's loop; Ctrl-C raises KeyboardInterrupt out of it
+    finally:
+        gateway.stop()
+        loop.run_until_complete(backend.shutdown())
+        loop.close()
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
 # entry point
 
 
@@ -249,6 +320,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory")
     p.add_argument("--backend", help="backend that wrote the checkpoint (default: read from the saved config)")
     p.set_defaults(func=_cmd_export)
+
+    p = commands.add_parser(
+        "serve", help="serve the gateway (rllm-gateway) in front of the config's rollout engine, until Ctrl-C"
+    )
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotlist overrides, e.g. backend=torch")
+    p.add_argument("--host", default="127.0.0.1", help="where to bind (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    p.add_argument("--advertise", help="the host name URLs give (default: --host, or this machine's name)")
+    p.add_argument("--session", default="debug", help="id of the session opened at start")
+    p.add_argument("--admin-key", help="key of the admin routes (default: a random one, printed)")
+    p.add_argument("--validation", action="store_true", help="sample with rollout.val_sampling")
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

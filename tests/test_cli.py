@@ -198,6 +198,21 @@ def test_config_show_validate_plugins_checks_the_backend_section(config_file, si
 
 
 # --------------------------------------------------------------------------------------------
+# rllm serve (plugins/gateway/tests/test_serve.py serves with the plugin; here: without it)
+
+
+def test_serve_without_the_gateway_plugin_exits_2_naming_the_package(tmp_path, config_file):
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    # As if rllm-gateway were not installed: the import system refuses a module mapped to None.
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['rllm_gateway'] = None\n")
+    out = rllm("serve", str(config_file), "--port", "0", site=blocker)
+    assert out.returncode == 2, out.stderr
+    assert "pip install rllm-gateway" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# --------------------------------------------------------------------------------------------
 # rllm train, export, --version, usage
 
 
@@ -265,9 +280,10 @@ def test_export_without_a_known_backend_asks_for_the_flag(tmp_path):
 
 def test_export_with_an_unknown_backend_lists_the_installed_ones(tmp_path):
     (tmp_path / "ckpt").mkdir()
-    out = rllm("export", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--backend", "verl")
+    out = rllm("export", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--backend", "nosuch")
     assert out.returncode == 2
-    assert "pip install rllm-verl" in out.stderr
+    assert "backend 'nosuch' is not registered; registered backends:" in out.stderr
+    assert "torch" in out.stderr
 
 
 def test_export_with_a_backend_that_cannot_export(tmp_path, site_dir):

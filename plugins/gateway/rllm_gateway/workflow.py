@@ -16,7 +16,9 @@ or outlives ``timeout`` gives an ``error`` / ``timeout`` episode (what it record
 reward) and training goes on. A sync callable cannot be stopped: past its timeout it is left to
 finish in its thread.
 
-One gateway per process, started on first use (:func:`get_gateway`) and stopped at exit.
+One gateway per process, started on first use (:func:`get_gateway`) and stopped at exit. Its counters
+(:meth:`Gateway.pop_counters`) are moved into the rollout engine's as each episode ends, so the
+workflow engine drains them into the step's metrics with the engine's own.
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ async def blackbox(
             error = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         finally:
             record = server.consume(session_id)
+            _drain_counters(server, engine)
         if not transient or attempt >= retries:
             episode = _episode(record, reason, error, answer, role)
             if attempt:
@@ -113,6 +116,19 @@ async def blackbox(
             return episode
         await asyncio.sleep(backoff_s * 2**attempt)
         attempt += 1
+
+
+def _drain_counters(server: Gateway, engine: Any) -> None:
+    """Move the gateway's counters into the rollout engine's (sums added, ``*_max`` keys maxed).
+
+    Runs on the trainer's loop, the only thread that touches the engine's counters.
+    """
+    target = getattr(engine, "engine", engine)  # workflows get a SamplingEngine around the RolloutEngine
+    counters = getattr(target, "counters", None)
+    if not isinstance(counters, dict):
+        return
+    for key, value in server.pop_counters().items():
+        counters[key] = max(counters.get(key, 0.0), value) if key.endswith("_max") else counters.get(key, 0.0) + value
 
 
 def _is_connection_error(exc: BaseException) -> bool:

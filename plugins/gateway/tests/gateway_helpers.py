@@ -22,8 +22,8 @@ class ScriptedEngine(RolloutEngine):
     """Answers from the last message, in Hermes format when it calls tools.
 
     ``tools:N`` -> N parallel ``add`` calls; a tool result -> ``the answer is <sum of results>``;
-    anything else -> ``echo: <text>``. Prompt ids encode every message, so a trace names its session's
-    messages. ``gate``, when set, holds each call until it is set.
+    ``boom`` -> the engine raises; anything else -> ``echo: <text>``. Prompt ids encode every message,
+    so a trace names its session's messages. ``gate``, when set, holds each call until it is set.
     """
 
     supports_tools = True
@@ -33,15 +33,23 @@ class ScriptedEngine(RolloutEngine):
         self.gate: asyncio.Event | None = None
         self.started: asyncio.Event | None = None
         self.calls = 0
+        self.cancelled = 0
+        """Calls cancelled while held at the gate."""
 
     async def _generate(self, messages: list[dict[str, Any]], tools: Any = None, **sampling: Any) -> ModelOutput:
         self.calls += 1
         if self.started is not None:
             self.started.set()
         if self.gate is not None:
-            await self.gate.wait()
+            try:
+                await self.gate.wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
         last = messages[-1]
         content = str(last.get("content") or "")
+        if content == "boom":
+            raise RuntimeError("the engine broke")
         if last.get("role") == "tool":
             results = []
             for m in reversed(messages):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import time
 
@@ -147,6 +148,37 @@ def test_trainer_trains_a_blackbox_agent_for_two_steps(tmp_path):
     assert trainer.backend.policy_versions == [1, 2]
     assert trainer.engine.calls == 8 * 2 * 2  # every agent call went through the gateway to the engine
     assert len(trainer.backend.trained) == 2
+
+
+async def counted_agent(task, base_url, api_key):
+    """Per episode: 4 requests, of which 1 identical resend and 1 refused (n=2)."""
+    c = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+    messages = [{"role": "user", "content": task["question"]}]
+    r = await c.chat.completions.create(model="rllm", messages=messages)
+    await c.chat.completions.create(model="rllm", messages=messages)  # a client retry
+    with pytest.raises(openai.BadRequestError):
+        await c.chat.completions.create(model="rllm", messages=messages, n=2)
+    messages += [{"role": "assistant", "content": r.choices[0].message.content}, {"role": "user", "content": "and?"}]
+    r = await c.chat.completions.create(model="rllm", messages=messages, stream=True)
+    return "".join([chunk.choices[0].delta.content or "" async for chunk in r if chunk.choices])
+
+
+def test_gateway_counters_reach_each_steps_metrics(tmp_path):
+    config = simulated_config(
+        tmp_path,
+        workflow={"name": "blackbox", "args": {"agent": f"{HERE}:counted_agent", "timeout": 30}},
+        data={"train": simulated_tasks(8), "train_batch_size": 4},
+        rollout={"n": 2},
+        loggers={"jsonl": {}},
+    )
+    UnifiedTrainer(config).fit()
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 2
+    for m in steps:  # 8 episodes per step
+        assert (m["gateway/requests"], m["gateway/resends"], m["gateway/errors"]) == (32, 8, 8)
+        assert m["gateway/sessions/opened"] == 8 and 1 <= m["gateway/sessions/open_max"] <= 8
+        assert 0 < m["gateway/engine_s"] < m["gateway/latency_s"]
+        assert 0 < m["gateway/overhead_s_max"] <= m["gateway/latency_s"]
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import resource
+import ssl
+import time
 
 import httpx
 import openai
@@ -124,6 +127,55 @@ def test_weight_update_during_a_call_stamps_the_dispatch_version():
     assert traj.steps[0].weight_version == 3
 
 
+def test_a_client_that_leaves_a_stream_cancels_its_engine_call():
+    from rllm_gateway import Gateway
+
+    engine = ScriptedEngine()
+    gw = Gateway(engine, keepalive_s=0.05).start()
+
+    async def main():
+        engine.gate, engine.started = asyncio.Event(), asyncio.Event()
+        url, key = gw.open("gone")
+        body = {"messages": [{"role": "user", "content": "q"}], "stream": True}
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as h:
+            async with h.stream("POST", f"{url}/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                await engine.started.wait()
+            # left without reading: the connection is closed while the engine still works
+        deadline = time.monotonic() + 10
+        while not engine.cancelled and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return engine.cancelled, gw.consume("gone")
+
+    try:
+        cancelled, record = asyncio.run(main())
+    finally:
+        gw.stop()
+    assert cancelled == 1
+    assert record.traces == []
+
+
+def test_an_engine_error_is_a_500_naming_it_counted_and_not_recorded():
+    from rllm_gateway import Gateway
+
+    gw = Gateway(ScriptedEngine()).start()
+
+    async def main():
+        url, key = gw.open("boom")
+        c = client(url, key)
+        with pytest.raises(openai.InternalServerError, match="RuntimeError: the engine broke"):
+            await c.chat.completions.create(model="rllm", messages=[{"role": "user", "content": "boom"}])
+        await c.chat.completions.create(model="rllm", messages=[{"role": "user", "content": "fine"}])
+        return gw.consume("boom"), gw.pop_counters()
+
+    try:
+        record, counters = asyncio.run(main())
+    finally:
+        gw.stop()
+    assert [t.response["content"] for t in record.traces] == ["echo: fine"]
+    assert (counters["gateway/requests"], counters["gateway/errors"]) == (2, 1)
+
+
 def test_bad_or_missing_key_is_refused(gateway):
     async def main():
         url, key = gateway.open("auth")
@@ -171,29 +223,62 @@ def test_reward_posted_by_the_agent_is_kept(gateway):
     assert (bad, ok, record.reward) == (401, 200, 1.5)
 
 
-def test_200_concurrent_sessions_never_mix_traces(gateway):
-    n = 200
+@pytest.mark.slow
+def test_1000_concurrent_sessions_never_mix_traces():
+    """1,000 sessions, all in the engine at once, two turns each (streamed or not): every reply and every
+    recorded trace belongs to the session that sent it."""
+    from rllm_gateway import Gateway
 
-    async def agent(i: int) -> None:
-        url, key = gateway.open(f"c{i}")
-        c = client(url, key)
-        msgs = [{"role": "user", "content": f"session {i}"}]
-        r = await ask(c, msgs, stream=i % 2 == 1)
-        msgs += [r["message"], {"role": "user", "content": f"session {i} turn 2"}]
-        await ask(c, msgs, stream=i % 2 == 0)
+    n = 1000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < 4 * n:  # a client and a server socket per session
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (4 * n if hard == resource.RLIM_INFINITY else min(4 * n, hard), hard)
+        )
+    engine = ScriptedEngine()
+    gw = Gateway(engine, max_sessions=n).start()
+
+    async def agent(i: int, url: str, key: str, http: httpx.AsyncClient) -> list[str]:
+        async with http:
+            c = openai.AsyncOpenAI(base_url=url, api_key=key, http_client=http, max_retries=0)
+            msgs = [{"role": "user", "content": f"<{i}> first"}]
+            first = await ask(c, msgs, stream=i % 2 == 1)
+            msgs += [first["message"], {"role": "user", "content": f"<{i}> second"}]
+            second = await ask(c, msgs, stream=i % 2 == 0)
+        return [first["message"]["content"], second["message"]["content"]]
 
     async def main():
-        await asyncio.gather(*(agent(i) for i in range(n)))
-        return [gateway.consume(f"c{i}") for i in range(n)]
+        engine.gate = asyncio.Event()
+        sessions = [gw.open(f"c{i}") for i in range(n)]
+        # A client (and connection) per agent, as separate agents have; one TLS context for all of them, since
+        # building one per client (loading the CA store, ~30 ms) would be most of this test's time.
+        tls = ssl.create_default_context()
+        clients = [httpx.AsyncClient(verify=tls, timeout=120) for _ in range(n)]
+        agents = [asyncio.ensure_future(agent(i, *sessions[i], clients[i])) for i in range(n)]
+        deadline = time.monotonic() + 60
+        while engine.calls < n and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        in_engine_at_once = engine.calls
+        engine.gate.set()
+        replies = await asyncio.gather(*agents)
+        return in_engine_at_once, replies, [gw.consume(f"c{i}") for i in range(n)]
 
-    records = asyncio.run(main())
-    for i, record in enumerate(records):
-        assert len(record.traces) == 2
-        for trace in record.traces:
-            users = [m["content"] for m in trace.messages if m["role"] == "user"]
-            assert all(u.startswith(f"session {i}") and u.split()[1] == str(i) for u in users)
-            assert trace.response["content"] == f"echo: {users[-1]}"
-        assert record.traces[1].parent == 0
+    try:
+        in_engine_at_once, replies, records = asyncio.run(main())
+    finally:
+        gw.stop()
+    assert in_engine_at_once == n
+    for i, (reply, record) in enumerate(zip(replies, records, strict=True)):
+        mine = [f"<{i}> first", f"<{i}> second"]
+        assert reply == [f"echo: {m}" for m in mine]
+        assert len(record.traces) == 2 and record.traces[1].parent == 0
+        for k, trace in enumerate(record.traces):
+            for messages in (trace.messages, trace.engine_messages):
+                assert [m["content"] for m in messages if m["role"] == "user"] == mine[: k + 1]
+                assert [m["content"] for m in messages if m["role"] == "assistant"] == reply[:k]
+            assert trace.response["content"] == reply[k]
+            assert trace.prompt_ids[1:] == [ord(ch) for ch in mine[k]]  # the engine saw this session's text
+            assert trace.completion_ids == [ord(ch) for ch in reply[k]]
 
 
 def test_store_is_bounded_and_counts_evictions():
@@ -209,3 +294,26 @@ def test_store_is_bounded_and_counts_evictions():
     assert len(gw) == 3 and gw.evicted == 2
     with pytest.raises(KeyError, match="e0"):
         gw.consume("e0")
+
+
+def test_admin_routes_are_off_without_an_admin_key(gateway):
+    """A training run's gateway has no admin key: a session key opens nothing but its own session (and
+    an unknown route or method is a 404 / 405)."""
+
+    async def main():
+        url, key = gateway.open("no-admin")
+        base = url.split("/sessions/")[0]
+        auth = {"Authorization": f"Bearer {key}"}
+        async with httpx.AsyncClient() as h:
+            codes = [
+                (await h.post(f"{base}/sessions", json={"session_id": "x"}, headers=auth)).status_code,
+                (await h.get(f"{base}/sessions/no-admin/traces", headers=auth)).status_code,
+                (await h.delete(f"{base}/sessions/no-admin", headers=auth)).status_code,
+                (await h.get(f"{base}/nowhere", headers=auth)).status_code,
+                (await h.get(f"{url}/chat/completions", headers=auth)).status_code,
+            ]
+        return codes, gateway.consume("no-admin")  # still open: the DELETE did nothing
+
+    codes, record = asyncio.run(main())
+    assert codes == [404, 404, 404, 404, 405]
+    assert record.traces == []
