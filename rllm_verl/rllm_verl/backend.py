@@ -377,6 +377,36 @@ class VerlBackend(Backend):
         if self.rollout_engine is not None:
             self.rollout_engine.set_weight_version(self.runtime.version)
 
+    @classmethod
+    def export(cls, checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+        """A Hugging Face model directory (config, safetensors weights, tokenizer) from a checkpoint:
+        verl's FSDP model merger joins the per-rank shards under ``backend/verl/``. No Ray, no GPU.
+
+        ``checkpoint_dir``: a trainer checkpoint (``<run>/checkpoints/step_*``), its ``backend/``
+        part, or the verl folder itself."""
+        from verl.model_merger.base_model_merger import ModelMergerConfig
+        from verl.model_merger.fsdp_model_merger import FSDPModelMerger
+
+        checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+        for verl_dir in (checkpoint_dir / "backend" / "verl", checkpoint_dir / "verl", checkpoint_dir):
+            if (verl_dir / "huggingface").is_dir() and any(verl_dir.glob("model_world_size_*_rank_0.pt")):
+                break
+        else:
+            raise FileNotFoundError(f"{checkpoint_dir} is not a verl-backend checkpoint (no backend/verl/ shards)")
+        merger = FSDPModelMerger(
+            ModelMergerConfig(
+                operation="merge",
+                backend="fsdp",
+                local_dir=str(verl_dir),
+                target_dir=str(out_dir),
+                hf_model_config_path=str(verl_dir / "huggingface"),
+            )
+        )
+        merger.merge_and_save()
+        merger.cleanup()
+        (out_dir / "rllm_export.json").write_text(json.dumps({"from_checkpoint": str(checkpoint_dir)}))
+        return out_dir
+
     async def shutdown(self) -> None:
         self.runtime.shutdown()
         await asyncio.to_thread(self._stop_servers)

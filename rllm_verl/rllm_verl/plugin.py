@@ -19,6 +19,12 @@ class _LazyBackend:
 
         return VerlBackend(config)
 
+    @staticmethod
+    def export(checkpoint_dir: Any, out_dir: Any) -> Any:
+        from rllm_verl.backend import VerlBackend
+
+        return VerlBackend.export(checkpoint_dir, out_dir)
+
 
 @hookimpl
 def register_backends(register: Any) -> None:

@@ -48,6 +48,30 @@ def test_sync_run_raises_the_reward_and_the_rollout_serves_every_update(tmp_path
     assert [m["trainer/weight_version"] for m in steps] == [float(i) for i in range(1, 13)]
 
 
+def test_rllm_export_writes_a_hugging_face_model_that_answers_as_trained(tmp_path, ray_cluster):
+    """A run trained to say 7, checkpointed at its end; ``rllm export`` merges verl's per-rank shards
+    into a Hugging Face directory whose greedy answer is the trained one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, rewards, _ = _fit(tmp_path / "run", **{"trainer.save_every": 12})
+    assert sum(rewards[-3:]) / 3 > 0.6, rewards
+    checkpoint = max((tmp_path / "run" / "checkpoints").glob("step_*"))
+    out = subprocess.run(
+        [sys.executable, "-m", "rllm_core.cli", "export", str(checkpoint), str(tmp_path / "hf")],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf", local_files_only=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "3+3="}], add_generation_prompt=True, tokenize=False
+    )
+    prompt = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    answer = model.generate(prompt, max_new_tokens=1, do_sample=False)[0, prompt.shape[1] :]
+    assert tokenizer.decode(answer).strip() == "7"
+
+
 def test_async_run_with_truncated_importance_sampling_raises_the_reward(tmp_path, ray_cluster):
     """Async: rollouts lag the trainer (sampler and actor logprobs differ), the ratio divides by the
     actor's recomputed logprobs and each token is weighted by min(pi_actor / pi_sampler, 2)."""
