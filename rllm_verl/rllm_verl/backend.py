@@ -64,11 +64,11 @@ class WorkerSamplerRuntime(BaseSamplerRuntime):
             results, _ = self.workers.generate(prompts, params, seed=seed)
             return results, self.version
 
-    def score(self, rows: list[tuple[list[int], list[int]]], which: str) -> list[list[float]]:
+    def score(self, rows: list[tuple[list[int], list[int]]], which: str, temperature: float = 1.0) -> list[list[float]]:
         if which != "policy":
             raise NotImplementedError("the verl backend scores with the policy only (no reference model yet)")
         with self.lock:
-            return self.workers.score(rows)
+            return self.workers.score(rows, temperature)
 
 
 class HttpSamplerRuntime(BaseSamplerRuntime):
@@ -86,7 +86,7 @@ class HttpSamplerRuntime(BaseSamplerRuntime):
             self.batch_sizes.append(len(prompts))
             return self.client.generate(prompts, params), self.version
 
-    def score(self, rows: list[tuple[list[int], list[int]]], which: str) -> list[list[float]]:
+    def score(self, rows: list[tuple[list[int], list[int]]], which: str, temperature: float = 1.0) -> list[list[float]]:
         raise NotImplementedError("the verl backend's vllm_http rollout does not score sequences (compute_logprobs)")
 
     def shutdown(self) -> None:
@@ -254,18 +254,7 @@ class VerlBackend(Backend):
 
     def init_rollout_engine(self, **kwargs: Any) -> TorchRolloutEngine:
         if self.rollout_engine is None:
-            from rllm_core.parsers import build_parser
-
-            rollout = self.config.rollout
-            self.rollout_engine = TorchRolloutEngine(
-                self.runtime,
-                window_s=self.cfg.gen_batch_window_ms / 1000.0,
-                max_batch=self.cfg.gen_max_batch,
-                tool_parser=build_parser("tool_parser", rollout.tool_parser),
-                reasoning_parser=build_parser("reasoning_parser", rollout.reasoning_parser),
-                multiturn_cache_size=self.cfg.multiturn_cache_size,
-            )
-            self.rollout_engine.set_weight_version(self.runtime.version)
+            self.rollout_engine = TorchRolloutEngine.for_run(self.runtime, self.config.rollout, self.cfg)
         return self.rollout_engine  # type: ignore[return-value]
 
     # -- stages ---------------------------------------------------------------------------------

@@ -15,12 +15,11 @@ server rollout.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import torch
-from rllm_torch.engine import eos_ids_of
-from rllm_torch.sampling import GenParams, GenResult, generate, score
+from rllm_torch.engine import SamplerRuntime
+from rllm_torch.sampling import GenParams, GenResult
 from verl.workers.rollout.base import BaseRollout
 
 __all__ = ["TorchRollout"]
@@ -34,17 +33,17 @@ class TorchRollout(BaseRollout):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = self.model_config.local_path or self.model_config.path
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
-        self.model = model.to(self.device or "cpu").eval().requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.eos_ids = eos_ids_of(self.tokenizer, getattr(self.model, "generation_config", None))
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        self.generator = torch.Generator(device=self.device or "cpu")
-        self.generator.manual_seed(int(getattr(self.config, "seed", 0) or 0) * 1000 + rank)
-        self.version = 0
-        self._lock = threading.Lock()  # a weight update and a generation never interleave
+        seed = int(getattr(self.config, "seed", 0) or 0) * 1000 + rank
+        # the torch backend's sampler (model, generator, lock, version), used here without its threads
+        self.sampler = SamplerRuntime(
+            model.to(device).eval().requires_grad_(False), tokenizer, seed=seed, max_new_tokens=256
+        )
 
     async def resume(self, tags: list[str]) -> None:
         return None  # weights and cache stay in memory
@@ -55,32 +54,22 @@ class TorchRollout(BaseRollout):
     async def update_weights(self, weights: Any, wire_format: str = "named_tensors", **kwargs: Any) -> None:
         if wire_format != "named_tensors":
             raise NotImplementedError(f"TorchRollout: wire format {wire_format!r}; only named_tensors")
-        state = self.model.state_dict()
-        with self._lock, torch.no_grad():
+        sampler = self.sampler
+        state = sampler.model.state_dict()
+        with sampler.lock, torch.no_grad():
             for name, tensor in weights:
                 if name not in state:
                     raise KeyError(f"TorchRollout: the trainer sent {name!r}, which the rollout model does not have")
                 state[name].copy_(tensor)
-            self.version = int(kwargs.get("global_steps") or 0)
+            sampler.version = int(kwargs.get("global_steps") or 0)
 
     def set_seed(self, seed: int) -> None:
-        self.generator.manual_seed(seed)
+        self.sampler.generator.manual_seed(seed)
 
     def generate(self, prompts: list[list[int]], params: list[GenParams]) -> tuple[list[GenResult], int]:
         """A completion per prompt, and the weight version that produced them."""
-        with self._lock:
-            out = generate(
-                self.model,
-                prompts,
-                params,
-                pad_id=self.pad_id,
-                eos_ids=self.eos_ids,
-                tokenizer=self.tokenizer,
-                generator=self.generator,
-            )
-            return out, self.version
+        return self.sampler.generate(prompts, params)
 
     def score(self, rows: list[tuple[list[int], list[int]]], temperature: float = 1.0) -> list[list[float]]:
         """Logprobs of each row's response tokens under ``softmax(logits / temperature)`` (teacher-forced)."""
-        with self._lock:
-            return score(self.model, rows, pad_id=self.pad_id, temperature=temperature)
+        return self.sampler.score(rows, "policy", temperature)

@@ -167,18 +167,7 @@ class TorchBackend(Backend):
 
     def init_rollout_engine(self, **kwargs: Any) -> TorchRolloutEngine:
         if self.rollout_engine is None:
-            from rllm_core.parsers import build_parser
-
-            rollout = self.config.rollout
-            self.rollout_engine = TorchRolloutEngine(
-                self.runtime,
-                window_s=self.cfg.gen_batch_window_ms / 1000.0,
-                max_batch=self.cfg.gen_max_batch,
-                tool_parser=build_parser("tool_parser", rollout.tool_parser),
-                reasoning_parser=build_parser("reasoning_parser", rollout.reasoning_parser),
-                multiturn_cache_size=self.cfg.multiturn_cache_size,
-            )
-            self.rollout_engine.set_weight_version(self.runtime.version)
+            self.rollout_engine = TorchRolloutEngine.for_run(self.runtime, self.config.rollout, self.cfg)
         return self.rollout_engine  # type: ignore[return-value]
 
     # -- stages ---------------------------------------------------------------------------------

@@ -121,8 +121,9 @@ class BaseSamplerRuntime:
         """Sample a completion for each prompt; also the policy version that produced all of them."""
         raise NotImplementedError
 
-    def score(self, rows: list[tuple[list[int], list[int]]], which: str) -> list[list[float]]:
-        """Logprobs of each ``(prompt, response)`` row's response under ``which`` (policy, reference)."""
+    def score(self, rows: list[tuple[list[int], list[int]]], which: str, temperature: float = 1.0) -> list[list[float]]:
+        """Logprobs of each ``(prompt, response)`` row's response under ``which`` (policy, reference),
+        at ``temperature``."""
         raise NotImplementedError
 
     def copy_reference(self) -> None:
@@ -160,13 +161,13 @@ class SamplerRuntime(BaseSamplerRuntime):
             )
             return out, self.version
 
-    def score(self, rows: list[tuple[list[int], list[int]]], which: str) -> list[list[float]]:
+    def score(self, rows: list[tuple[list[int], list[int]]], which: str, temperature: float = 1.0) -> list[list[float]]:
         with self.lock:
             if which == "reference":
                 if self.reference is None:
                     raise RuntimeError("the torch backend has no reference model yet")
-                return score(self.reference, rows, pad_id=self.pad_id)
-            return score(self.model, rows, pad_id=self.pad_id)
+                return score(self.reference, rows, pad_id=self.pad_id, temperature=temperature)
+            return score(self.model, rows, pad_id=self.pad_id, temperature=temperature)
 
     def copy_reference(self) -> None:
         import copy
@@ -225,6 +226,24 @@ class TorchRolloutEngine(RolloutEngine):
         self._pending: list[_Request] = []
         self._wakeup: asyncio.Event | None = None
         self._dispatcher: asyncio.Task | None = None
+
+    @classmethod
+    def for_run(cls, runtime: BaseSamplerRuntime, rollout: Any, settings: Any) -> TorchRolloutEngine:
+        """The engine of a run: ``rollout`` is the run's ``rollout`` config (its tool and reasoning
+        parsers); ``settings`` a backend section with ``gen_batch_window_ms``, ``gen_max_batch`` and
+        ``multiturn_cache_size`` (``torch:``, ``verl:``)."""
+        from rllm_core.parsers import build_parser
+
+        engine = cls(
+            runtime,
+            window_s=settings.gen_batch_window_ms / 1000.0,
+            max_batch=settings.gen_max_batch,
+            tool_parser=build_parser("tool_parser", rollout.tool_parser),
+            reasoning_parser=build_parser("reasoning_parser", rollout.reasoning_parser),
+            multiturn_cache_size=settings.multiturn_cache_size,
+        )
+        engine.set_weight_version(runtime.version)
+        return engine
 
     # -- requests -------------------------------------------------------------------------------
 
