@@ -137,6 +137,14 @@ class TinkerBackend(Backend):
                 f"algorithm.optim.schedule: {algo.optim.schedule!r} decays to 0 over trainer.total_steps, "
                 "which is not set"
             )
+        for field in ("tool_parser", "reasoning_parser"):
+            if getattr(config.rollout, field) is not None:
+                warnings.warn(
+                    f"rollout.{field}: not used by the tinker backend; the tinker-cookbook renderer "
+                    "(tinker.renderer_name) renders the tools and parses tool calls and reasoning itself",
+                    UserWarning,
+                    stacklevel=2,
+                )
         sampling = config.rollout.train_sampling
         tempered = sampling.get("temperature", 1.0) not in (None, 1, 1.0)
         if tempered or (sampling.get("top_p") or 1.0) < 1.0 or (sampling.get("top_k") or 0) > 0:
@@ -195,7 +203,7 @@ class TinkerBackend(Backend):
             self.renderer_name = model_info.get_recommended_renderer_name(cfg.base_model)
         from tinker_cookbook import renderers
 
-        self.engine.attach(renderers.get_renderer(self.renderer_name, tokenizer), tokenizer)
+        self.engine.attach(renderers.get_renderer(self.renderer_name, tokenizer), tokenizer, self.renderer_name)
         if sampler_path is not None:
             sampler = await self._create(
                 "create_sampling_client", lambda: training.create_sampling_client(sampler_path)

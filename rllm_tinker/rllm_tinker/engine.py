@@ -6,6 +6,15 @@ client does (the trainer builds it first); the backend attaches a sampling clien
 ``on_train_start`` and swaps it at every weight sync, and each output carries the version of the
 client that produced it.
 
+Tools: ``get_model_response(messages, tools=[...])`` renders OpenAI-format tools with the renderer's
+own ``create_conversation_prefix_with_tools`` (a leading system message becomes its system prompt)
+and the renderer's ``parse_response`` reads the tool calls back, so ``rollout.tool_parser`` and
+``rollout.reasoning_parser`` do not apply here. Finish reasons follow ``rllm_core.parsers``: a
+completion that stopped by itself is ``tool_calls`` with parsed calls and no malformed one,
+``malformed_tool_call`` with a call the renderer could not parse (its raw text stays in ``content``
+and ``tool_call_errors`` says what is wrong), ``stop`` otherwise; one cut by the budget is ``length``
+(parsed as if it had ended there, so its calls and errors are listed too).
+
 Sampling parameters (``rollout.train_sampling`` / ``val_sampling``, per-call arguments on top) map
 onto ``tinker.SamplingParams``: ``max_tokens`` (or ``max_new_tokens``), ``temperature``, ``top_p``,
 ``top_k``, ``stop`` (strings or token ids; default: the renderer's stop sequences), ``seed``.
@@ -27,9 +36,17 @@ from typing import Any
 import tinker
 
 from rllm_core.engine import PROMPT_TOO_LONG, PromptCache, RolloutEngine
+from rllm_core.parsers import MALFORMED_TOOL_CALL, TOOL_CALLS, ParsedCompletion
 from rllm_core.types import ModelOutput, TokenInput
 
-__all__ = ["TinkerRolloutEngine", "sampling_params", "to_openai_tool_calls", "to_renderer_messages"]
+__all__ = [
+    "RendererParser",
+    "TinkerRolloutEngine",
+    "sampling_params",
+    "to_openai_tool_calls",
+    "to_renderer_messages",
+    "to_tool_specs",
+]
 
 _PASS = {"max_tokens", "max_new_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids", "seed"}
 _IGNORED = {"logprobs", "model"}  # OpenAI-style knobs with nothing to do here
@@ -76,13 +93,47 @@ def sampling_params(
     )
 
 
+def to_tool_specs(tools: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI-format tools (``{"type": "function", "function": {name, description, parameters}}``) as
+    tinker-cookbook ``ToolSpec`` dicts; a bare ``{name, description, parameters}`` is taken as it is.
+
+    The function's own keys are kept in their order (Qwen's renderer writes the spec as JSON, as
+    Hugging Face's template does); a missing ``description`` or ``parameters`` is filled in, since some
+    renderers read both.
+    """
+    specs = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function", tool)
+        if tool.get("type", "function") != "function" or not isinstance(fn, Mapping) or not fn.get("name"):
+            raise ValueError(
+                f"tools[{i}]: expected an OpenAI function tool {{'type': 'function', 'function': "
+                f"{{'name': ..., 'description': ..., 'parameters': {{...}}}}}}, got {dict(tool)!r}"
+            )
+        spec = {k: v for k, v in fn.items() if fn is not tool or k != "type"}
+        spec.setdefault("description", "")
+        spec.setdefault("parameters", {"type": "object", "properties": {}})
+        specs.append(spec)
+    return specs
+
+
 def to_renderer_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """OpenAI-format messages as tinker-cookbook ``Message`` dicts (tool calls as ``ToolCall``)."""
+    """OpenAI-format messages as tinker-cookbook ``Message`` dicts.
+
+    Tool calls become ``ToolCall`` objects (arguments given as a dict are serialised to the JSON
+    string the cookbook expects); ``tool_call_id`` and ``name`` of tool results are kept; an
+    assistant's ``reasoning_content`` becomes a thinking part before its text, so the renderer
+    keeps or strips it from history as its chat template does.
+    """
     from tinker_cookbook.renderers import ToolCall
 
     out = []
     for m in messages:
-        msg: dict[str, Any] = {"role": m["role"], "content": m.get("content") or ""}
+        content = m.get("content") or ""
+        reasoning = m.get("reasoning_content")
+        if reasoning and isinstance(content, str):
+            parts: list[dict[str, Any]] = [{"type": "thinking", "thinking": reasoning}]
+            content = [*parts, {"type": "text", "text": content}] if content else parts
+        msg: dict[str, Any] = {"role": m["role"], "content": content}
         calls = m.get("tool_calls")
         if calls:
             msg["tool_calls"] = [
@@ -105,32 +156,84 @@ def to_renderer_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str
 
 
 def _arguments_text(arguments: Any) -> str:
+    if arguments is None or arguments == "":
+        return "{}"
     return arguments if isinstance(arguments, str) else json.dumps(arguments)
 
 
 def to_openai_tool_calls(calls: Sequence[Any]) -> list[dict[str, Any]]:
-    """Cookbook ``ToolCall`` objects as OpenAI-format dicts."""
+    """Cookbook ``ToolCall`` objects as OpenAI-format dicts; a call without an id gets ``call_<n>``."""
     return [
         {
-            "id": c.id,
+            "id": c.id if c.id is not None else f"call_{i}",
             "type": "function",
             "function": {"name": c.function.name, "arguments": c.function.arguments},
         }
-        for c in calls
+        for i, c in enumerate(calls)
     ]
 
 
-def _split_content(content: Any) -> tuple[str, str | None]:
-    """(text, reasoning) of a parsed message's content (a string or a list of parts)."""
+def _split_content(content: Any) -> tuple[list[str], str | None]:
+    """(text pieces, reasoning) of a parsed message's content (a string or a list of parts)."""
     if isinstance(content, str):
-        return content, None
+        return [content], None
     text, thinking = [], []
     for part in content or []:
         if part.get("type") == "thinking":
             thinking.append(part.get("thinking", ""))
         elif part.get("type") == "text":
             text.append(part.get("text", ""))
-    return "".join(text), ("".join(thinking) if thinking else None)
+    return text, ("".join(thinking) if thinking else None)
+
+
+def _with_raw_calls(pieces: list[str], raws: list[str], source: str) -> str:
+    """The content with each malformed call's raw text back where the model wrote it in ``source``.
+
+    Renderers move a malformed call out of the content into ``unparsed_tool_calls``; the core keeps
+    it in the content. A raw text already in the content (an unterminated block) is not added twice;
+    one not found in ``source`` goes at the end.
+    """
+    text = "".join(pieces)
+    placed: list[tuple[int, int, str]] = []  # (position in source, order, text)
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for raw in raws:
+        if raw in text:
+            continue
+        i = source.find(raw, cursor)
+        if i < 0:
+            placed.append((len(source), len(placed), raw))
+            continue
+        spans.append((i, i + len(raw)))
+        placed.append((i, len(placed), raw))
+        cursor = i + len(raw)
+    if not placed:
+        return text
+    cursor = 0
+    for piece in pieces:
+        i = source.find(piece, cursor)
+        while i >= 0 and any(a <= i < b for a, b in spans):  # not inside a malformed call's text
+            i = source.find(piece, i + 1)
+        i = cursor if i < 0 else i
+        placed.append((i, len(placed), piece))
+        cursor = i + len(piece)
+    return "".join(piece for _, _, piece in sorted(placed))
+
+
+class RendererParser:
+    """The engine's tool parser: the renderer reads tool calls and reasoning (see the module docstring).
+
+    The engine parses sampled tokens directly; :meth:`parse` serves callers that hold text only
+    (``engine.parse(out)``), by encoding it and parsing it as a completed turn.
+    """
+
+    def __init__(self, engine: TinkerRolloutEngine) -> None:
+        self.engine = engine
+
+    def parse(self, text: str) -> ParsedCompletion:
+        engine = self.engine
+        engine._require_client()
+        return engine._parse_tokens(engine.tokenizer.encode(text, add_special_tokens=False))[0]
 
 
 class TinkerRolloutEngine(RolloutEngine):
@@ -138,13 +241,16 @@ class TinkerRolloutEngine(RolloutEngine):
 
     supports_token_in_token_out = True
     supports_logprobs = True
+    supports_tools = True
 
     def __init__(self, context_window: int, default_sampling: Mapping[str, Any] | None = None) -> None:
         super().__init__(default_sampling)
+        self.tool_parser = RendererParser(self)
         self.context_window = context_window
         self.sampling_client: Any = None
         self.reference_client: Any = None
         self.renderer: Any = None
+        self.renderer_name: str | None = None
         self.tokenizer: Any = None
         self.stop: list[Any] = []
         self._prompt_cache = PromptCache()
@@ -153,9 +259,10 @@ class TinkerRolloutEngine(RolloutEngine):
 
     # -- set up by the backend ---------------------------------------------------------------
 
-    def attach(self, renderer: Any, tokenizer: Any) -> None:
-        """The renderer and tokenizer (once the training client exists)."""
+    def attach(self, renderer: Any, tokenizer: Any, renderer_name: str | None = None) -> None:
+        """The renderer (``tinker.renderer_name``) and tokenizer, once the training client exists."""
         self.renderer, self.tokenizer = renderer, tokenizer
+        self.renderer_name = renderer_name
         self.stop = list(renderer.get_stop_sequences()) or [tokenizer.eos_token_id]
         self._prompt_cache.clear()
 
@@ -171,25 +278,57 @@ class TinkerRolloutEngine(RolloutEngine):
 
     # -- requests ------------------------------------------------------------------------------
 
-    def _render(self, messages: Sequence[Mapping[str, Any]]) -> tinker.ModelInput:
+    def _render(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> tinker.ModelInput:
         key = PromptCache.key(messages)
+        if key is not None and tools:  # key order kept: renderers write the specs as JSON in the order given
+            key = (json.dumps(tools, default=str), *key)
         prompt = self._prompt_cache.get(key)
         if prompt is None:
-            prompt = self.renderer.build_generation_prompt(to_renderer_messages(messages))
+            prompt = self.renderer.build_generation_prompt(self._conversation(messages, tools))
             self._prompt_cache.put(key, prompt)
         return prompt
 
+    def _conversation(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
+    ) -> list[dict[str, Any]]:
+        """The renderer's messages: with tools, its tool prefix replaces a leading system message."""
+        msgs = to_renderer_messages(messages)
+        if not tools:
+            return msgs
+        system = ""
+        if msgs and msgs[0]["role"] == "system":
+            if not isinstance(msgs[0]["content"], str):
+                raise ValueError("get_model_response(tools=...): the system message's content must be a string")
+            system, msgs = msgs[0]["content"], msgs[1:]
+        try:
+            prefix = self.renderer.create_conversation_prefix_with_tools(to_tool_specs(tools), system)
+        except NotImplementedError:
+            raise NotImplementedError(
+                f"tinker.renderer_name: the renderer {self.renderer_name!r} ({type(self.renderer).__name__}) "
+                "cannot render tools; choose a renderer with tool support (e.g. qwen3_instruct, qwen3, llama3) "
+                "or call get_model_response without tools"
+            ) from None
+        return [*prefix, *msgs]
+
     async def encode_messages(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         self._require_client()
         if not add_generation_prompt:
             raise NotImplementedError("tinker-cookbook renderers build generation prompts only")
-        return self._render(messages).to_ints()
+        return self._render(messages, tools).to_ints()
 
-    async def _generate(self, messages: list[Mapping[str, Any]], **sampling: Any) -> ModelOutput:
+    async def _generate(
+        self, messages: list[Mapping[str, Any]], tools: list[dict[str, Any]] | None = None, **sampling: Any
+    ) -> ModelOutput:
         self._require_client()
-        return await self._sample(self._render(messages), sampling)
+        return await self._sample(self._render(messages, tools), sampling)
 
     async def _generate_tokens(self, token_input: TokenInput, **sampling: Any) -> ModelOutput:
         self._require_client()
@@ -208,19 +347,22 @@ class TinkerRolloutEngine(RolloutEngine):
         response = await client.sample(prompt, num_samples=1, sampling_params=params)
         seq = response.sequences[0]
         tokens = list(seq.tokens)
-        message, termination = self.renderer.parse_response(tokens)
-        content, reasoning = _split_content(message.get("content"))
         finish = "length" if seq.stop_reason == "length" else "stop"
-        if finish == "stop" and not termination.is_clean:
-            self.count("tinker/malformed_responses")
-        unparsed = message.get("unparsed_tool_calls") or []
-        if unparsed:
-            self.count("tinker/malformed_tool_calls", len(unparsed))
+        parsed, termination = self._parse_tokens(tokens)
+        if finish == "stop":
+            if not termination.is_clean:
+                self.count("tinker/malformed_responses")
+            if parsed.errors:
+                self.count("tinker/malformed_tool_calls", len(parsed.errors))
+                finish = MALFORMED_TOOL_CALL
+            elif parsed.tool_calls:
+                finish = TOOL_CALLS
         return ModelOutput(
             text=self.tokenizer.decode(tokens),
-            content=content,
-            reasoning=reasoning,
-            tool_calls=to_openai_tool_calls(message.get("tool_calls") or []),
+            content=parsed.content,
+            reasoning=parsed.reasoning,
+            tool_calls=parsed.tool_calls,
+            tool_call_errors=parsed.errors,
             prompt_ids=prompt_ids,
             completion_ids=tokens,
             logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
@@ -228,6 +370,28 @@ class TinkerRolloutEngine(RolloutEngine):
             weight_version=version,
             backend_data={"sequence_id": seq.sequence_id, "parse": str(termination)},
         )
+
+    def _parse_tokens(self, tokens: list[int]) -> tuple[ParsedCompletion, Any]:
+        """The renderer's reading of a completion, and its termination.
+
+        The renderer leaves a completion without its end-of-turn token unparsed (the content is the
+        raw text); such a completion (cut by the budget, ended by a stop string) is parsed again as if
+        it had ended there, so the calls it completed and the one it left open are reported, as the
+        core's parsers do. The termination returned is the first reading's.
+        """
+        message, termination = self.renderer.parse_response(tokens)
+        end = self.stop[0] if self.stop else None
+        if not termination.is_clean and isinstance(end, int) and end not in tokens:
+            message, _ = self.renderer.parse_response([*tokens, end])
+        pieces, reasoning = _split_content(message.get("content"))
+        unparsed = message.get("unparsed_tool_calls") or []
+        if unparsed:
+            content = _with_raw_calls(pieces, [u.raw_text for u in unparsed], self.tokenizer.decode(tokens))
+        else:
+            content = "".join(pieces)
+        errors = [f"{u.error}: {_excerpt(u.raw_text)}" for u in unparsed]
+        calls = to_openai_tool_calls(message.get("tool_calls") or [])
+        return ParsedCompletion(content=content, reasoning=reasoning, tool_calls=calls, errors=errors), termination
 
     async def compute_logprobs(
         self, prompt_ids: Sequence[Any], response_ids: Sequence[int], *, model: str = "policy"
@@ -248,6 +412,10 @@ class TinkerRolloutEngine(RolloutEngine):
         if self.reference_factory is None:
             raise RuntimeError("the tinker engine has no training client to snapshot yet")
         self.reference_client = await self.reference_factory()
+
+
+def _excerpt(text: str, limit: int = 120) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 def _prompt_positions(prompt: tinker.ModelInput) -> list[Any]:

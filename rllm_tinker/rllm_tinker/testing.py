@@ -13,6 +13,8 @@ unchanged::
 Behind them is a real torch model: ``rllm/tiny-arith`` is a tiny random qwen2 (hidden 128, 2 layers,
 tied embeddings) with a word-level tokenizer whose chat markers (``<|im_start|>``, ``<|im_end|>``,
 ``<think>`` ...) are single tokens, so tinker-cookbook's ``qwen3_instruct`` renderer works with it.
+``rllm/tiny-tools`` is the same model with a byte-level tokenizer (Qwen's kind, without merges) and
+the same markers: any text round-trips exactly, so the renderer's tool prompt and JSON tool calls do.
 
 Faithful (checked against the tinker 0.38 SDK source and Tinker's docs):
 
@@ -68,7 +70,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import httpx
 import numpy as np
@@ -88,6 +90,7 @@ from tinker.types.optimizer import OptimParamsBase
 __all__ = [
     "DEFAULT_BASE_MODEL",
     "LORA_ALPHA",
+    "TOOLS_BASE_MODEL",
     "LocalRestClient",
     "LocalSamplingClient",
     "LocalServiceClient",
@@ -104,6 +107,8 @@ T = TypeVar("T")
 W = TypeVar("W")
 
 DEFAULT_BASE_MODEL = "rllm/tiny-arith"
+TOOLS_BASE_MODEL = "rllm/tiny-tools"
+"""A base model whose tokenizer can write any text (tool specs, JSON tool calls): byte-level."""
 LORA_ALPHA = 32
 """Tinker's LoRA alpha (tinker-cookbook's ``hyperparam_utils`` assumes 32)."""
 
@@ -144,11 +149,14 @@ _FAILABLE = frozenset(
 
 @dataclass
 class TinyBaseModel:
-    """A base model the stand-in serves: a tiny random transformers model and a word-level tokenizer.
+    """A base model the stand-in serves: a tiny random transformers model and its tokenizer.
 
-    ``vocab`` lists the words of the tokenizer (``settings.vocab`` is not used). The chat markers are
-    added as single tokens (``special_tokens`` are special: ``decode(skip_special_tokens=True)`` drops
-    them); ``eos_token`` ends a turn and is where sampling stops by default.
+    ``tokenizer="words"``: word-level over ``vocab`` (``settings.vocab`` is not used); unknown words
+    become ``<unk>`` and decoding joins words with single spaces. ``tokenizer="bytes"``: byte-level
+    BPE without merges (``vocab`` unused), one token per byte, so every text round-trips exactly, as
+    with Qwen's own tokenizer. Either way the chat markers are added as single tokens
+    (``special_tokens`` are special: ``decode(skip_special_tokens=True)`` drops them); ``eos_token``
+    ends a turn and is where sampling stops by default.
     """
 
     settings: TinyModelSettings
@@ -156,36 +164,55 @@ class TinyBaseModel:
     special_tokens: tuple[str, ...] = QWEN3_SPECIAL_TOKENS
     added_tokens: tuple[str, ...] = QWEN3_ADDED_TOKENS
     eos_token: str = "<|im_end|>"
+    tokenizer: Literal["words", "bytes"] = "words"
 
     def key(self) -> str:
         """Identifies the definition: checkpoints record it, caches are keyed by it."""
-        return json.dumps(
-            {
-                "settings": self.settings.model_dump(mode="json", exclude={"vocab"}),
-                "vocab": list(self.vocab),
-                "special": list(self.special_tokens),
-                "added": list(self.added_tokens),
-                "eos": self.eos_token,
-            },
-            sort_keys=True,
-        )
+        spec: dict[str, Any] = {
+            "settings": self.settings.model_dump(mode="json", exclude={"vocab"}),
+            "vocab": list(self.vocab),
+            "special": list(self.special_tokens),
+            "added": list(self.added_tokens),
+            "eos": self.eos_token,
+        }
+        if self.tokenizer != "words":  # the keys of word-level models stay what they were
+            spec["tokenizer"] = self.tokenizer
+        return json.dumps(spec, sort_keys=True)
 
 
 def default_base_models() -> dict[str, TinyBaseModel]:
-    """``rllm/tiny-arith``: the settings of ``examples/arith/config.yaml``'s ``torch.tiny``, plus chat words."""
+    """``rllm/tiny-arith``: the settings of ``examples/arith/config.yaml``'s ``torch.tiny``, plus chat
+    words; ``rllm/tiny-tools``: the same model with a byte-level tokenizer (tools, JSON)."""
     vocab = [*(str(i) for i in range(10)), "+", "=", "user", "assistant", "system", "tool"]
     settings = TinyModelSettings(
         hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512, tie_word_embeddings=True, vocab=vocab
     )
-    return {DEFAULT_BASE_MODEL: TinyBaseModel(settings=settings, vocab=vocab)}
+    return {
+        DEFAULT_BASE_MODEL: TinyBaseModel(settings=settings, vocab=vocab),
+        TOOLS_BASE_MODEL: TinyBaseModel(settings=settings, vocab=[], tokenizer="bytes"),
+    }
+
+
+def _byte_level_tokenizer() -> Any:
+    """A byte-level BPE with no merges (Qwen's and GPT-2's byte alphabet, one token per byte)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 def _build_tokenizer(name: str, spec: TinyBaseModel) -> Any:
     from tokenizers import AddedToken
 
-    tok = build_tiny_tokenizer(list(spec.vocab))
+    tok = build_tiny_tokenizer(list(spec.vocab)) if spec.tokenizer == "words" else _byte_level_tokenizer()
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in spec.special_tokens], special_tokens=True)
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in spec.added_tokens])
+    if tok.pad_token is None:  # Qwen pads with <|endoftext|>
+        tok.pad_token = "<|endoftext|>" if "<|endoftext|>" in spec.special_tokens else spec.eos_token
     tok.eos_token = spec.eos_token
     tok.chat_template = _QWEN_CHAT_TEMPLATE
     tok.name_or_path = name

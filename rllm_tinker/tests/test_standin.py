@@ -21,6 +21,7 @@ import tinker
 import torch
 from rllm_tinker.testing import (
     DEFAULT_BASE_MODEL,
+    TOOLS_BASE_MODEL,
     LocalRestClient,
     LocalTinker,
     local_service_client,
@@ -130,7 +131,7 @@ def test_training_run_ids_and_info_follow_the_sdk(service, client):
         rest = client.create_rest_client()
     assert isinstance(rest, LocalRestClient)
     models = rest.get_server_capabilities().result().supported_models
-    assert [(m.model_name, m.max_context_length) for m in models] == [(BASE, 64)]
+    assert [(m.model_name, m.max_context_length) for m in models] == [(BASE, 64), (TOOLS_BASE_MODEL, 64)]
 
 
 def test_chat_markers_are_single_tokens_and_the_qwen3_renderer_works(service):
@@ -146,6 +147,22 @@ def test_chat_markers_are_single_tokens_and_the_qwen3_renderer_works(service):
     assert renderer.get_stop_sequences() == [tok.eos_token_id]
     message, _ = renderer.parse_response([*tok.encode("7", add_special_tokens=False), tok.eos_token_id])
     assert message["content"] == "7"
+
+
+def test_the_tools_model_tokenizer_round_trips_any_text_with_single_token_markers(service):
+    tok = service.tokenizer(TOOLS_BASE_MODEL)
+    markers = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>", "<tool_call>", "</tool_call>"]
+    for marker in [*markers, "<tool_response>", "</tool_response>"]:
+        assert len(tok.encode(marker, add_special_tokens=False)) == 1, marker
+    assert len(tok) == 256 + 9  # one token per byte, plus the markers
+    assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    for text in ['{"name": "add", "arguments": {"a": 3}}\n', "  héllo\t→ wörld  ", "<tool_call>\n{}\n</tool_call>"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == text
+    plain = "x" + "ä" * 3  # bytes, not characters: "ä" is two
+    assert len(tok.encode(plain, add_special_tokens=False)) == 1 + 2 * 3
+    # the renderer writes content with split_special_tokens: a marker typed in text is its bytes
+    assert len(tok.encode("<|im_end|>", add_special_tokens=False, split_special_tokens=True)) == len("<|im_end|>")
 
 
 # -- sampling --------------------------------------------------------------------------------------
