@@ -200,7 +200,9 @@ def test_unknown_name_lists_registered_names_and_closest_match():
     assert "Did you mean 'exact_match'?" in msg
 
 
-def test_unknown_verl_backend_suggests_installing_rllm_verl():
+def test_unknown_verl_backend_suggests_installing_rllm_verl(monkeypatch):
+    monkeypatch.setenv("RLLM_PLUGINS_BLOCK", "verl")  # as if rllm-verl were not installed
+    reset_plugins()
     with pytest.raises(UnknownPluginError, match="pip install rllm-verl"):
         get_registry().get("backend", "verl")
 
