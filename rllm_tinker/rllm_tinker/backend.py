@@ -158,7 +158,9 @@ class TinkerBackend(Backend):
 
     def init_rollout_engine(self, **kwargs: Any) -> TinkerRolloutEngine:
         if self.rollout_engine is None:
-            self.rollout_engine = TinkerRolloutEngine(self.cfg.context_window)
+            self.rollout_engine = TinkerRolloutEngine(
+                self.cfg.context_window, multiturn_cache_size=self.cfg.multiturn_cache_size
+            )
         return self.rollout_engine  # type: ignore[return-value]
 
     @property

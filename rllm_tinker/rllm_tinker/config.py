@@ -41,6 +41,9 @@ class TinkerBackendConfig(BaseModel):
     max_train_length: int = Field(32768, ge=1)
     """Longest row ``forward_backward`` accepts; longer rows are dropped (``tinker/dropped_rows``),
     never sent (a rejected request makes the training client unusable)."""
+    multiturn_cache_size: int = Field(4096, ge=0)
+    """Sampled turns the engine remembers to continue conversations token-exactly (0: re-render
+    every turn)."""
     adam_eps: float = Field(1e-8, gt=0)
     """Adam epsilon sent with every ``optim_step`` (the SDK's own default is 1e-12)."""
     resume_from: str | None = None

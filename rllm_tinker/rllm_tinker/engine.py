@@ -15,6 +15,16 @@ completion that stopped by itself is ``tool_calls`` with parsed calls and no mal
 and ``tool_call_errors`` says what is wrong), ``stop`` otherwise; one cut by the budget is ``length``
 (parsed as if it had ended there, so its calls and errors are listed too).
 
+Multi-turn is token-exact (``rllm_core.multiturn``): a request whose messages extend a conversation
+this engine answered (its messages + the reply it sampled, as ``ModelOutput.assistant_message()``
+or ``{"role": "assistant", "content": text}``, + new messages) is prompted with the earlier prompt +
+the sampled tokens + the renderer's tokens for the new messages, never a re-render of the history,
+which the cookbook renderers do not always write back token for token (``"text\\n<tool_call>"``
+comes back with another newline, JSON arguments re-serialised). Counted per request as
+``engine/multiturn/continued`` or ``engine/multiturn/rerendered/<why>`` (an unknown history; a
+renderer that rewrites history, e.g. ``qwen3`` dropping earlier thinking). The last
+``tinker.multiturn_cache_size`` turns are remembered.
+
 Sampling parameters (``rollout.train_sampling`` / ``val_sampling``, per-call arguments on top) map
 onto ``tinker.SamplingParams``: ``max_tokens`` (or ``max_new_tokens``), ``temperature``, ``top_p``,
 ``top_k``, ``stop`` (strings or token ids; default: the renderer's stop sequences), ``seed``.
@@ -36,6 +46,7 @@ from typing import Any
 import tinker
 
 from rllm_core.engine import PROMPT_TOO_LONG, PromptCache, RolloutEngine
+from rllm_core.multiturn import Sampled, TurnCache, bridge, last_reply
 from rllm_core.parsers import MALFORMED_TOOL_CALL, TOOL_CALLS, ParsedCompletion
 from rllm_core.types import ModelOutput, TokenInput
 
@@ -243,10 +254,18 @@ class TinkerRolloutEngine(RolloutEngine):
     supports_logprobs = True
     supports_tools = True
 
-    def __init__(self, context_window: int, default_sampling: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        context_window: int,
+        default_sampling: Mapping[str, Any] | None = None,
+        *,
+        multiturn_cache_size: int = 4096,
+    ) -> None:
         super().__init__(default_sampling)
         self.tool_parser = RendererParser(self)
         self.context_window = context_window
+        self.turns = TurnCache(multiturn_cache_size)
+        """Sampled turns, for token-exact continuation (see the module docstring)."""
         self.sampling_client: Any = None
         self.reference_client: Any = None
         self.renderer: Any = None
@@ -265,6 +284,7 @@ class TinkerRolloutEngine(RolloutEngine):
         self.renderer_name = renderer_name
         self.stop = list(renderer.get_stop_sequences()) or [tokenizer.eos_token_id]
         self._prompt_cache.clear()
+        self.turns = TurnCache(self.turns.max_size)  # turns of another renderer do not continue
 
     def set_sampling_client(self, client: Any, version: int) -> None:
         """Serve ``client`` (weights of ``version``) from the next request on."""
@@ -328,7 +348,60 @@ class TinkerRolloutEngine(RolloutEngine):
         self, messages: list[Mapping[str, Any]], tools: list[dict[str, Any]] | None = None, **sampling: Any
     ) -> ModelOutput:
         self._require_client()
-        return await self._sample(self._render(messages, tools), sampling)
+        remember = self.turns.max_size > 0 and bool(self._eot_ids)
+        if remember and last_reply(messages) >= 0:
+            prompt, event = self._continue(messages, tools)
+            self.count(event)
+        else:
+            prompt = self._render(messages, tools)
+        out = await self._sample(prompt, sampling)
+        if remember and out.completion_ids:
+            self._remember(messages, tools, out)
+        return out
+
+    @property
+    def _eot_ids(self) -> list[int]:
+        """The renderer's stop tokens (continuation needs token stops; stop strings re-render)."""
+        return [s for s in self.stop if isinstance(s, int)]
+
+    def _continue(self, messages: list[Mapping[str, Any]], tools: Any) -> tuple[tinker.ModelInput, str]:
+        """The prompt of a request that holds an assistant reply: continued from the sampled turn when
+        this engine remembers it, else rendered in full. Also says which it was."""
+        reply = last_reply(messages)
+        turn = self.turns.find(messages, tools, reply)
+        if turn is None:  # history edited or compacted, evicted, or a reply this engine never sampled
+            return self._render(messages, tools), "engine/multiturn/rerendered/unknown_history"
+        ids = bridge(lambda msgs, gen: self._render_ids(msgs, gen, tools), messages, reply, turn, self._eot_ids)
+        if ids is None:
+            return self._render(messages, tools), "engine/multiturn/rerendered/template_rewrote_history"
+        return tinker.ModelInput.from_ints([*turn.ids, *ids]), "engine/multiturn/continued"
+
+    def _render_ids(self, messages: Sequence[Mapping[str, Any]], generation: bool, tools: Any) -> list[int]:
+        """Token ids of a conversation: a generation prompt, or (``generation=False``) the conversation
+        as the renderer writes it for training, ending with its last message."""
+        if generation:
+            return self._render(messages, tools).to_ints()
+        model_input, _ = self.renderer.build_supervised_example(self._conversation(messages, tools))
+        return model_input.to_ints()
+
+    def _remember(self, messages: list[Mapping[str, Any]], tools: Any, out: ModelOutput) -> None:
+        if not all(isinstance(t, int) for t in out.prompt_ids):  # image chunks: not continued
+            return
+        last = out.completion_ids[-1]
+        self.turns.remember(
+            Sampled(
+                # a copy: the workflow may edit its messages (compaction) before a lookup reads these
+                messages=[dict(m) for m in messages],
+                tools=tools,
+                content=out.content,
+                text=out.text,
+                tool_calls=out.tool_calls,
+                reasoning=out.reasoning,
+                prompt_ids=out.prompt_ids,
+                completion_ids=out.completion_ids,
+                ended_with=last if last in self._eot_ids else None,
+            )
+        )
 
     async def _generate_tokens(self, token_input: TokenInput, **sampling: Any) -> ModelOutput:
         self._require_client()
@@ -357,8 +430,9 @@ class TinkerRolloutEngine(RolloutEngine):
                 finish = MALFORMED_TOOL_CALL
             elif parsed.tool_calls:
                 finish = TOOL_CALLS
+        ended = finish != "length" and bool(tokens) and tokens[-1] in self._eot_ids
         return ModelOutput(
-            text=self.tokenizer.decode(tokens),
+            text=self.tokenizer.decode(tokens[:-1] if ended else tokens),  # without the end-of-turn token
             content=parsed.content,
             reasoning=parsed.reasoning,
             tool_calls=parsed.tool_calls,

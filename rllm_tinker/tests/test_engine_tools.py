@@ -253,7 +253,7 @@ def test_reasoning_content_goes_back_to_the_renderer_as_thinking():
     assert msg["content"] == [{"type": "thinking", "thinking": "3 + 4"}, {"type": "text", "text": "7"}]
 
 
-@pytest.mark.parametrize(
+DRIFT = pytest.mark.parametrize(
     ("reply", "rerendered"),
     [
         (f"Let me add.\n{CALL}", f"Let me add.\n\n{CALL}"),
@@ -261,18 +261,107 @@ def test_reasoning_content_goes_back_to_the_renderer_as_thinking():
     ],
     ids=["text_before_the_call", "json_spaced_otherwise"],
 )
-def test_a_reply_the_renderer_writes_back_differently_does_not_extend(tokenizer, reply, rerendered):
-    """Known drift of the cookbook renderer (0.5.8): it parses "text\\n<tool_call>" into the text
-    "text\\n" and renders it back with another "\\n" before the call, and re-serialises arguments with
-    json.dumps. The turn is re-rendered, so the row breaks there."""
-    sampler = Scripted(_stopped(tokenizer, reply), _stopped(tokenizer, "7"))
-    engine = _engine(tokenizer, sampler)
+"""Known drift of the cookbook renderer (0.5.8): it parses "text\\n<tool_call>" into the text "text\\n"
+and renders it back with another "\\n" before the call, and re-serialises arguments with json.dumps."""
+
+TOOL_RESULT_BRIDGE = "\n<|im_start|>user\n<tool_response>\n7\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+
+
+def _two_turns(engine, tokenizer, reply: str, stop_reason: str = "stop"):
+    engine.sampling_client.completions += [
+        _stopped(tokenizer, reply) if stop_reason == "stop" else (_ids(tokenizer, reply), "length"),
+        _stopped(tokenizer, "7"),
+    ]
     first = _respond(engine, [USER], tools=[ADD])
+    call = first.tool_calls[0] if first.tool_calls else {"id": "call_0", "function": {"name": "add"}}
+    second = _respond(engine, [USER, first.assistant_message(), _tool_result(call)], tools=[ADD])
+    return first, second
+
+
+@DRIFT
+def test_a_reply_the_renderer_writes_back_differently_is_continued_from_the_sampled_tokens(
+    tokenizer, reply, rerendered
+):
+    engine = _engine(tokenizer)
+    first, second = _two_turns(engine, tokenizer, reply)
     assert first.finish_reason == "tool_calls"
-    second = _respond(engine, [USER, first.assistant_message(), _tool_result(first.tool_calls[0])], tools=[ADD])
+    sampled = [*first.prompt_ids, *first.completion_ids]
+    assert second.prompt_ids[: len(sampled)] == sampled
+    assert tokenizer.decode(second.prompt_ids[len(sampled) :]) == TOOL_RESULT_BRIDGE
+    assert engine.pop_counters() == {"engine/tool_calls": 1.0, "engine/multiturn/continued": 1.0}
+    # what a re-render would have sent instead
+    messages = [USER, first.assistant_message(), _tool_result(first.tool_calls[0])]
+    full = asyncio.run(engine.encode_messages(messages, tools=[ADD]))
+    assert full[: len(sampled)] != sampled and rerendered + "<|im_end|>" in tokenizer.decode(full)
+
+
+@DRIFT
+def test_without_the_turn_cache_the_drifting_reply_is_re_rendered(tokenizer, reply, rerendered):
+    engine = TinkerRolloutEngine(context_window=2048, multiturn_cache_size=0)
+    engine.attach(renderers.get_renderer("qwen3_instruct", tokenizer), tokenizer, "qwen3_instruct")
+    engine.set_sampling_client(Scripted(), 0)
+    first, second = _two_turns(engine, tokenizer, reply)
     sampled = [*first.prompt_ids, *first.completion_ids]
     assert second.prompt_ids[: len(sampled)] != sampled
     assert rerendered + "<|im_end|>" in tokenizer.decode(second.prompt_ids[len(first.prompt_ids) :])
+    assert engine.pop_counters() == {"engine/tool_calls": 1.0}  # nothing continued, nothing counted as such
+
+
+def test_the_continued_conversation_is_one_row(tokenizer):
+    """Three turns (a call with text before it, a tool result, a user follow-up): the core's rows
+    merge them into one row that is exactly what was sampled."""
+    from rllm_core.rows import build_rows
+    from rllm_core.types import Step, Trajectory, TrajectoryGroup
+
+    engine = _engine(tokenizer, Scripted(_stopped(tokenizer, f"Let me add.\n{CALL}"), _stopped(tokenizer, "7")))
+    engine.sampling_client.completions.append(_stopped(tokenizer, "Still 7."))
+    messages, steps, outs = [USER], [], []
+    for follow_up in (None, "tool", {"role": "user", "content": "Sure?"}):
+        if follow_up == "tool":
+            messages = [*messages, outs[-1].assistant_message(), _tool_result(outs[-1].tool_calls[0])]
+        elif follow_up is not None:
+            messages = [*messages, {"role": "assistant", "content": outs[-1].text}, follow_up]
+        out = _respond(engine, messages, tools=[ADD])
+        outs.append(out)
+        steps.append(Step.from_model_output(out, messages))
+    assert outs[1].text == "7"  # the end-of-turn token is not part of the text
+    bridge = outs[2].prompt_ids[len(outs[1].prompt_ids) + len(outs[1].completion_ids) :]
+    assert tokenizer.decode(bridge) == "\n<|im_start|>user\nSure?<|im_end|>\n<|im_start|>assistant\n"
+    assert engine.pop_counters() == {"engine/tool_calls": 1.0, "engine/multiturn/continued": 2.0}
+    group = TrajectoryGroup(task_id="t", role="agent", trajectories=[Trajectory(name="agent", steps=steps)])
+    rows = build_rows([group])
+    assert len(rows) == 1 and rows.metrics["rows/breaks"] == 0
+    assert rows.tokens[0] == [*outs[2].prompt_ids, *outs[2].completion_ids]
+
+
+def test_a_reply_cut_by_the_budget_is_closed_by_the_bridge(tokenizer):
+    engine = _engine(tokenizer)
+    first, second = _two_turns(engine, tokenizer, CALL, stop_reason="length")
+    assert first.finish_reason == "length" and first.tool_calls  # parsed as if it had ended there
+    sampled = [*first.prompt_ids, *first.completion_ids]
+    assert second.prompt_ids[: len(sampled)] == sampled
+    assert tokenizer.decode(second.prompt_ids[len(sampled) :]) == "<|im_end|>" + TOOL_RESULT_BRIDGE
+
+
+def test_an_edited_reply_or_a_renderer_that_rewrites_history_is_re_rendered_and_counted(tokenizer):
+    engine = _engine(tokenizer, Scripted(_stopped(tokenizer, "8"), _stopped(tokenizer, "7")))
+    first = _respond(engine, [USER])
+    edited = [USER, {"role": "assistant", "content": "7"}, {"role": "user", "content": "Sure?"}]
+    second = _respond(engine, edited)
+    assert second.prompt_ids == asyncio.run(engine.encode_messages(edited))
+    assert engine.pop_counters() == {"engine/multiturn/rerendered/unknown_history": 1.0}
+    assert first.text == "8"
+
+    # qwen3 drops the thinking of earlier turns from the history it renders
+    think = _stopped(tokenizer, "<think>\nadd them\n</think>\n\n7")
+    engine = _engine(tokenizer, Scripted(think, _stopped(tokenizer, "yes")), renderer_name="qwen3")
+    first = _respond(engine, [USER])
+    assert (first.reasoning, first.content) == ("add them", "7")
+    messages = [USER, first.assistant_message(), {"role": "user", "content": "Sure?"}]
+    second = _respond(engine, messages)
+    assert second.prompt_ids == asyncio.run(engine.encode_messages(messages))
+    assert "add them" not in tokenizer.decode(second.prompt_ids)
+    assert engine.pop_counters() == {"engine/multiturn/rerendered/template_rewrote_history": 1.0}
 
 
 # -- through the stand-in's sampler -----------------------------------------------------------------

@@ -17,7 +17,7 @@ so the tokenizer is never used by two of them at once and the sampler thread kee
 Agents: ``get_model_response(messages, tools=[...])`` renders the tools with the chat template and
 the completion is parsed by the configured tool and reasoning parsers (``rllm_core.parsers``). A
 request that continues a conversation this engine answered is continued from the sampled tokens
-(:mod:`rllm_torch.multiturn`); the decoding step remembers each answered conversation for that.
+(:mod:`rllm_core.multiturn`); the decoding step remembers each answered conversation for that.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from typing import Any
 import torch
 
 from rllm_core.engine import PromptCache, RolloutEngine
+from rllm_core.multiturn import Sampled, TurnCache, bridge, last_reply, template_messages
 from rllm_core.parsers import Parser
 from rllm_core.types import ModelOutput, TokenInput
-from rllm_torch.multiturn import Sampled, TurnCache, bridge_text, last_reply, template_messages
 from rllm_torch.sampling import GenParams, GenResult, generate, score
 
 __all__ = ["BaseSamplerRuntime", "SamplerRuntime", "TorchRolloutEngine", "eos_ids_of"]
@@ -297,7 +297,7 @@ class TorchRolloutEngine(RolloutEngine):
         turn = self.turns.find(messages, tools, reply)
         if turn is None:  # history edited or compacted, evicted, or a reply this engine never sampled
             return runtime.encode(messages, True, tools), "engine/multiturn/rerendered/unknown_history"
-        text = bridge_text(lambda msgs, gen: runtime.render(msgs, gen, tools), messages, reply, turn, self._eot_texts)
+        text = bridge(lambda msgs, gen: runtime.render(msgs, gen, tools), messages, reply, turn, self._eot_texts)
         if text is None:
             return runtime.encode(messages, True, tools), "engine/multiturn/rerendered/template_rewrote_history"
         return [*turn.ids, *runtime.tokenize(text)], "engine/multiturn/continued"

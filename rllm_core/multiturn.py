@@ -6,23 +6,25 @@ for it + new messages (tool results, a user turn) gets the prompt::
     earlier prompt_ids + sampled completion_ids + bridge(new messages)
 
 never a re-render of the history, so what is trained on is what was sampled and the core's rows
-merge the whole trajectory into one row. The bridge is the chat template's own text for the new
-messages, found as text differences of three renders of the real conversation (so templates whose
+merge the whole trajectory into one row. The bridge is the template's own rendering of the new
+messages, found as differences of three renders of the real conversation (so templates whose
 rendering depends on context, e.g. tools in the system prompt, are respected)::
 
     head   = render(messages before the reply, add_generation_prompt=True)   # the reply's prompt
     prev   = render(messages up to the reply,  add_generation_prompt=False)
     full   = render(all messages,              add_generation_prompt=True)
     turn   = prev[len(common_prefix(head, prev)):]                           # the reply as rendered
-    bridge = tokenize(tail + full[len(prev):])
+    bridge = tail + full[len(prev):]
 
-``tail`` is what the template writes after the reply's end-of-turn marker (Qwen's ``"\\n"`` after
-``<|im_end|>``). When the sampled completion ended with an end-of-sequence token (it is the last of
-``completion_ids``), tail is what follows that token's text in ``turn``, so the marker is neither
-duplicated nor lost. When it did not (cut by ``max_tokens``, a stop string or another stop token),
-tail starts at the template's end-of-turn marker: the bridge closes the turn (loss mask 0 there).
-If ``full`` does not begin with ``prev`` (a template that rewrites earlier turns once new messages
-arrive, e.g. one that drops old reasoning), the request is rendered in full instead.
+Renders are text (a chat template, then tokenized: rllm-torch) or token ids (a tinker-cookbook
+renderer: rllm-tinker); :func:`bridge` works on either. ``tail`` is what the template writes after
+the reply's end-of-turn marker (Qwen's ``"\\n"`` after ``<|im_end|>``). When the sampled completion
+ended with an end-of-sequence token (it is the last of ``completion_ids``), tail is what follows that
+token in ``turn``, so the marker is neither duplicated nor lost. When it did not (cut by
+``max_tokens``, a stop string or another stop token), tail starts at the template's end-of-turn
+marker: the bridge closes the turn (loss mask 0 there). If ``full`` does not begin with ``prev`` (a
+template that rewrites earlier turns once new messages arrive, e.g. one that drops old reasoning),
+the request is rendered in full instead.
 
 Conversations are recognised by a fingerprint: a hash chained over the tools and each message
 (canonical JSON), and for the reply its content (stripped), its tool calls (names and arguments;
@@ -31,6 +33,8 @@ workflow appends: ``ModelOutput.assistant_message()`` with and without ``reasoni
 ``{"role": "assistant", "content": text}``. Two rollouts that sampled the same text with different
 tokens share a key: the later one wins, and the other's next prompt does not extend its rows (the
 core counts that break as ``rows/breaks/not_prefix``).
+
+Pure Python (no tokenizer here): engines own the rendering and pass it in.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Sampled", "Turn", "TurnCache", "bridge_text", "last_reply", "template_messages"]
+__all__ = ["Sampled", "Turn", "TurnCache", "bridge", "last_reply", "template_messages"]
 
 
 def _plain(value: Any) -> Any:
@@ -121,8 +125,9 @@ class Turn:
     """A sampled turn: its prompt + completion ids, and the end-of-sequence text it ended with."""
 
     ids: array.array
-    ended_with: str | None
-    """Text of the end-of-sequence token the completion ended with; None: it did not end with one."""
+    ended_with: str | int | None
+    """The end-of-sequence token the completion ended with, as the engine's renders hold it (its text
+    for text renders, its id for token renders); None: it did not end with one."""
     keys: list[bytes] = field(default_factory=list)
 
 
@@ -138,7 +143,7 @@ class Sampled:
     reasoning: str | None
     prompt_ids: list[int]
     completion_ids: list[int]
-    ended_with: str | None
+    ended_with: str | int | None
 
     def replies(self) -> list[dict[str, Any]]:
         """The forms of the reply a workflow may append (see the module docstring)."""
@@ -203,7 +208,7 @@ class TurnCache:
                     del self._keys[key]
 
 
-def _common_prefix_len(a: str, b: str) -> int:
+def _common_prefix_len(a: Sequence[Any], b: Sequence[Any]) -> int:
     n = min(len(a), len(b))
     if a[:n] == b[:n]:  # the usual case: the reply's prompt is a prefix of the rendered reply
         return n
@@ -213,14 +218,25 @@ def _common_prefix_len(a: str, b: str) -> int:
     return i
 
 
-def bridge_text(
-    render: Any, messages: Sequence[Mapping[str, Any]], reply: int, turn: Turn, eot_texts: Sequence[str]
-) -> str | None:
-    """The text to append to ``turn.ids`` so that it becomes the prompt for ``messages`` (see the module
-    docstring); None when the template does not render the conversation as an extension of its history.
+def _rfind(seq: Sequence[Any], item: Any) -> int:
+    """Last position of ``item`` in ``seq``: a substring of a text, an element of a token list; -1 if absent."""
+    if isinstance(seq, str):
+        return seq.rfind(item)
+    for i in range(len(seq) - 1, -1, -1):
+        if seq[i] == item:
+            return i
+    return -1
 
-    ``render(messages, add_generation_prompt)`` is the chat template; ``eot_texts`` the texts of the
-    end-of-sequence tokens (the template's end-of-turn marker among them).
+
+def bridge(
+    render: Any, messages: Sequence[Mapping[str, Any]], reply: int, turn: Turn, eots: Sequence[str | int]
+) -> Any:
+    """What to append to ``turn.ids`` so that it becomes the prompt for ``messages`` (see the module
+    docstring): text or token ids, as ``render`` gives; None when the template does not render the
+    conversation as an extension of its history.
+
+    ``render(messages, add_generation_prompt)`` is the template, returning a ``str`` or a token list;
+    ``eots`` are the end-of-sequence tokens in the same form (the end-of-turn marker among them).
     """
     try:
         head = render(messages[:reply], True)
@@ -228,13 +244,13 @@ def bridge_text(
         full = render(messages, True)
     except Exception:  # e.g. a template that cannot render a conversation without a user turn
         return None
-    if not full.startswith(prev):
+    if full[: len(prev)] != prev:
         return None
     rendered_reply = prev[_common_prefix_len(head, prev) :]
-    p = rendered_reply.rfind(turn.ended_with) if turn.ended_with else -1
+    p = _rfind(rendered_reply, turn.ended_with) if turn.ended_with is not None else -1
     if p >= 0:
-        tail = rendered_reply[p + len(turn.ended_with or "") :]
+        tail = rendered_reply[p + (len(turn.ended_with) if isinstance(turn.ended_with, str) else 1) :]
     else:  # the completion did not end with the marker: the bridge closes the turn
-        p = max((rendered_reply.rfind(t) for t in eot_texts if t), default=-1)
-        tail = rendered_reply[p:] if p >= 0 else ""
+        p = max((_rfind(rendered_reply, t) for t in eots if t != ""), default=-1)
+        tail = rendered_reply[p:] if p >= 0 else rendered_reply[:0]
     return tail + full[len(prev) :]
