@@ -213,6 +213,9 @@ def main() -> None:
     parser.add_argument("--client", choices=["openai", "httpx", "raw"], default="openai")
     parser.add_argument("--phases", default="direct,gateway", help="comma-separated: direct, gateway")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--gc-threshold", type=int, nargs=3, default=None, metavar=("G0", "G1", "G2"), help="gc.set_threshold first"
+    )
     parser.add_argument("--client-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client_worker:
@@ -232,6 +235,8 @@ def main() -> None:
         results = {}
         with tempfile.TemporaryDirectory() as run_dir:
             engine = _engine(args, run_dir)
+            if args.gc_threshold:
+                gc.set_threshold(*args.gc_threshold)
             gc.freeze()  # as the trainer does at the start of fit: set-up objects are not rescanned
             try:
                 for phase in args.phases.split(","):

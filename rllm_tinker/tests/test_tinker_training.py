@@ -113,11 +113,12 @@ def test_the_main_jobs_task_learns_through_the_stand_in(sft_start, tmp_path, mon
     UnifiedTrainer(cfg).fit()
     r = rewards(run)
     assert len(r) == 40
-    # Measured from about 0.02-0.03 at the start: 0.25 after 30 steps in sync mode, 0.12 in async mode
-    # (one step stale); RL must at least triple it, and leave the start's noise behind.
+    # Measured from about 0.02-0.03 at the start, mean of the last 5 steps at lr 1e-3: 0.43-0.46 in sync
+    # mode, 0.30-0.36 in async mode (one step stale); RL must at least quadruple it, and leave the
+    # start's noise well behind.
     start, end = np.mean(r[:3]), np.mean(r[-5:])
     assert start < 0.05, r
-    assert end > max(0.08, 3 * start), r
+    assert end > max(0.15, 4 * start), r
 
 
 # -- one loss, two backends -------------------------------------------------------------------
