@@ -171,7 +171,9 @@ async def _direct(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
 async def _through_gateway(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
     from rllm_gateway import Gateway
 
-    gateway = Gateway(engine, max_sessions=args.sessions + 1).start()
+    settings: dict[str, Any] = {} if args.gc_threshold is None else {"gc_threshold": tuple(args.gc_threshold) or None}
+    gateway = Gateway(engine, max_sessions=args.sessions + 1, **settings).start()
+    print(f"gateway's gc thresholds while it serves: {gc.get_threshold()}")
     try:
         sessions = [gateway.open(f"bench-{i}") for i in range(args.sessions)]
         spec = {"args": vars(args), "sessions": sessions, "warmup": gateway.open("warmup")}
@@ -214,7 +216,12 @@ def main() -> None:
     parser.add_argument("--phases", default="direct,gateway", help="comma-separated: direct, gateway")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--gc-threshold", type=int, nargs=3, default=None, metavar=("G0", "G1", "G2"), help="gc.set_threshold first"
+        "--gc-threshold",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="N",
+        help="the gateway's gc_threshold (3 ints; none given: Python's own, left alone; default: the gateway's)",
     )
     parser.add_argument("--client-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -235,8 +242,6 @@ def main() -> None:
         results = {}
         with tempfile.TemporaryDirectory() as run_dir:
             engine = _engine(args, run_dir)
-            if args.gc_threshold:
-                gc.set_threshold(*args.gc_threshold)
             gc.freeze()  # as the trainer does at the start of fit: set-up objects are not rescanned
             try:
                 for phase in args.phases.split(","):

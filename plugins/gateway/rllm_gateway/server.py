@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import hmac
 import json
@@ -265,7 +266,11 @@ class Gateway:
     where it binds; ``port=0`` picks a free port. ``advertise`` is the host its URLs name (what
     agents on other machines connect to); None: ``host``, or this machine's fully-qualified name when
     ``host`` is a wildcard (``0.0.0.0``, ``::``), as a gateway for runs across machines must.
-    ``admin_key``: turns the admin routes on (None: off, as in training).
+    ``admin_key``: turns the admin routes on (None: off, as in training). ``gc_threshold``: the
+    garbage collector's thresholds while it serves (``gc.set_threshold``; the process's own are
+    restored by :meth:`stop`; None: left alone). The default young-generation threshold, 50,000
+    allocations instead of Python's 700, cut the p99 the gateway adds from 12 to 1.5 ms at 256
+    sessions (benchmarks/README.md): hundreds of calls in flight hold objects that every pass walks.
     """
 
     def __init__(
@@ -280,6 +285,7 @@ class Gateway:
         keepalive_s: float = 5.0,
         loop: asyncio.AbstractEventLoop | None = None,
         admin_key: str | None = None,
+        gc_threshold: tuple[int, int, int] | None = (50_000, 20, 100),
     ) -> None:
         self.engine = engine
         self.loop = loop
@@ -294,6 +300,8 @@ class Gateway:
         self.evicted = 0
         """Sessions dropped by the bounded store before they were consumed."""
         self.admin_key = admin_key
+        self.gc_threshold = tuple(gc_threshold) if gc_threshold is not None else None
+        self._saved_gc_threshold: tuple[int, ...] | None = None
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
         self._lock = threading.Lock()
         self._counters: dict[str, float] = {}
@@ -378,6 +386,9 @@ class Gateway:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"gateway: the server did not start on {self.base_url}")
             time.sleep(0.01)
+        if self.gc_threshold is not None and self._saved_gc_threshold is None:
+            self._saved_gc_threshold = gc.get_threshold()
+            gc.set_threshold(*self.gc_threshold)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -386,6 +397,9 @@ class Gateway:
         if self._thread is not None:
             self._thread.join(timeout)
         self._server = self._thread = None
+        if self._saved_gc_threshold is not None:
+            gc.set_threshold(*self._saved_gc_threshold)
+            self._saved_gc_threshold = None
 
     # -- sessions -------------------------------------------------------------------------------
 

@@ -317,3 +317,23 @@ def test_admin_routes_are_off_without_an_admin_key(gateway):
     codes, record = asyncio.run(main())
     assert codes == [404, 404, 404, 404, 405]
     assert record.traces == []
+
+
+def test_the_collector_thresholds_are_the_gateways_while_it_serves_and_restored_after():
+    import gc
+
+    from rllm_gateway import Gateway
+
+    before = gc.get_threshold()
+    gateway = Gateway(ScriptedEngine(), gc_threshold=(12_345, 11, 12)).start()
+    try:
+        assert gc.get_threshold() == (12_345, 11, 12)
+    finally:
+        gateway.stop()
+    assert gc.get_threshold() == before
+    untouched = Gateway(ScriptedEngine(), gc_threshold=None).start()
+    try:
+        assert gc.get_threshold() == before
+    finally:
+        untouched.stop()
+    assert Gateway().gc_threshold == (50_000, 20, 100)  # the default, measured in benchmarks/README.md
