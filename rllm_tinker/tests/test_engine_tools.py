@@ -434,3 +434,38 @@ def test_the_core_tool_parser_setting_is_reported_as_unused():
         warnings.simplefilter("always")
         TinkerBackend(cfg).validate_config(cfg)
     assert any("rollout.tool_parser: not used by the tinker backend" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize(
+    ("renderer_name", "continued", "rerender_extends"),
+    [
+        ("qwen3_instruct", True, True),
+        ("kimi_k2", True, False),
+        ("kimi_k25", True, False),
+        ("nemotron3", True, False),
+        ("qwen3_5", False, False),  # these write an assistant turn one way as the prompt's last, another in history
+        ("qwen3_disable_thinking", False, False),
+    ],
+)
+def test_every_renderer_either_continues_the_sampled_tokens_or_re_renders_in_full(
+    tokenizer, renderer_name, continued, rerender_extends
+):
+    """The cookbook renderers that work with the byte-level tokenizer (the others need their own
+    special tokens). Where a full re-render would not extend the sampled tokens (kimi, nemotron), only
+    continuing keeps the trajectory one row."""
+    engine = _engine(tokenizer, renderer_name=renderer_name)
+    (stop,) = [s for s in engine.stop if isinstance(s, int)]
+    reply = ([*_ids(tokenizer, "7"), stop], "stop")
+    engine.sampling_client.completions += [reply, reply]
+    first = _respond(engine, [USER])
+    messages = [USER, first.assistant_message(), {"role": "user", "content": "Sure?"}]
+    second = _respond(engine, messages)
+    sampled = [*first.prompt_ids, *first.completion_ids]
+    full = asyncio.run(engine.encode_messages(messages))
+    assert (full[: len(sampled)] == sampled) is rerender_extends
+    if continued:
+        assert second.prompt_ids[: len(sampled)] == sampled
+        assert engine.pop_counters() == {"engine/multiturn/continued": 1.0}
+    else:
+        assert second.prompt_ids == full
+        assert engine.pop_counters() == {"engine/multiturn/rerendered/template_rewrote_history": 1.0}
