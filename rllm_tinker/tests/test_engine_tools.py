@@ -22,8 +22,8 @@ pytest.importorskip("rllm_torch", reason="the stand-in's model comes from rllm-t
 import tinker
 from rllm_tinker.engine import TinkerRolloutEngine, to_renderer_messages, to_tool_specs
 from rllm_tinker.testing import TOOLS_BASE_MODEL, LocalTinker
-from tinker import types
 from tinker_cookbook import renderers
+from tinker_helpers import Scripted
 
 from rllm_core.types import ModelOutput
 
@@ -59,25 +59,6 @@ def service(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokenizer(service):
     return service.tokenizer(TOOLS_BASE_MODEL)
-
-
-class Scripted:
-    """A sampler that answers each request with the next scripted completion (and keeps the prompts)."""
-
-    def __init__(self, *completions: tuple[list[int], str]) -> None:
-        self.completions = list(completions)
-        self.prompts: list[list[int]] = []
-
-    async def sample(self, prompt, num_samples, sampling_params):
-        self.prompts.append(prompt.to_ints())
-        tokens, stop_reason = self.completions.pop(0)
-        seq = types.SampledSequence(
-            stop_reason=stop_reason,
-            sequence_id=f"scripted:{len(self.prompts)}",
-            tokens_np=np.asarray(tokens, dtype=np.int32),
-            logprobs_np=np.full(len(tokens), -0.5, dtype=np.float32),
-        )
-        return types.SampleResponse(sequences=[seq])
 
 
 def _engine(tokenizer, sampler=None, renderer_name: str = "qwen3_instruct") -> TinkerRolloutEngine:
