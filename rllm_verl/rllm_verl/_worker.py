@@ -58,3 +58,46 @@ class RLLMActorRolloutRefWorker(ActorRolloutRefWorker):
         scheduler = getattr(engine, "lr_scheduler", None)
         if scheduler is not None:
             scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+
+    # -- the reference model (OPSD's refreshed teacher) -----------------------------------------
+
+    def _reference_pairs(self) -> list[tuple[Any, Any]]:
+        """(actor tensor, reference tensor) per parameter: this rank's shards (FSDP2 shards both alike)."""
+        actor = dict(self.actor.engine.module.named_parameters())
+        ref = dict(self.ref.engine.module.named_parameters())
+        if set(actor) != set(ref):
+            raise RuntimeError(f"reference and actor parameters differ: {sorted(set(actor) ^ set(ref))[:5]}")
+        return [(_local(actor[name]), _local(ref[name])) for name in sorted(actor)]
+
+    def rllm_copy_reference(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for actor, ref in self._reference_pairs():
+                ref.copy_(actor)
+
+    def rllm_save_reference(self, path: str) -> None:
+        import os
+
+        import torch
+
+        os.makedirs(path, exist_ok=True)
+        state = {name: _local(p).detach().cpu() for name, p in self.ref.engine.module.named_parameters()}
+        torch.save(state, os.path.join(path, f"reference_rank_{torch.distributed.get_rank()}.pt"))
+
+    def rllm_load_reference(self, path: str) -> None:
+        import os
+
+        import torch
+
+        file = os.path.join(path, f"reference_rank_{torch.distributed.get_rank()}.pt")
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for name, p in self.ref.engine.module.named_parameters():
+                local = _local(p)
+                local.copy_(state[name].to(local.device))
+
+
+def _local(tensor: Any) -> Any:
+    """This rank's shard of a (DTensor) parameter."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor

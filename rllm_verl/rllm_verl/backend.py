@@ -44,10 +44,42 @@ from rllm_core.config import ConfigError, RLLMConfig
 from rllm_core.protocol import Backend, TrainerState
 from rllm_verl.config import VerlConfig, actor_loss_settings
 
-__all__ = ["HttpSamplerRuntime", "VerlBackend", "WorkerSamplerRuntime"]
+__all__ = ["HttpSamplerRuntime", "VerlBackend", "WorkerSamplerRuntime", "needs_reference"]
 
 
-class WorkerSamplerRuntime(BaseSamplerRuntime):
+def needs_reference(config: RLLMConfig) -> bool:
+    """Whether the workers get a reference model when ``verl.reference`` is not set: for a KL loss, and
+    for the ``opsd`` hook (its teacher is scored with ``model="reference"`` unless it is ``current``)."""
+    opsd = config.hooks.get("opsd")
+    return config.algorithm.loss.kl_coef > 0 or (opsd is not None and (opsd or {}).get("teacher") != "current")
+
+
+class _WorkersRuntime(BaseSamplerRuntime):
+    """A sampler runtime beside verl workers: the reference model lives in the workers (``verl.reference``
+    or a KL loss), so reference scoring and ``refresh_reference`` go there whatever samples."""
+
+    workers: Any
+    reference_refreshed = False
+    """The reference is no longer the initial policy (checkpoints then carry it)."""
+
+    def score(self, rows: list[tuple[list[int], list[int]]], which: str, temperature: float = 1.0) -> list[list[float]]:
+        if which not in ("policy", "reference"):
+            raise ValueError(f"score: which must be 'policy' or 'reference', got {which!r}")
+        with self.lock:
+            if which == "reference":
+                return self.workers.score_rows(rows, reference=True, temperature=temperature)
+            return self._score_policy(rows, temperature)
+
+    def _score_policy(self, rows: list[tuple[list[int], list[int]]], temperature: float) -> list[list[float]]:
+        return self.workers.score_rows(rows, temperature=temperature)  # the actor: what is served once synced
+
+    def copy_reference(self) -> None:
+        with self.lock:
+            self.workers.copy_reference()
+            self.reference_refreshed = True
+
+
+class WorkerSamplerRuntime(_WorkersRuntime):
     """The engine's sampler: generation and scoring on the verl workers' rollouts (blocking Ray calls
     on the runtime's executor thread, under its lock)."""
 
@@ -64,30 +96,27 @@ class WorkerSamplerRuntime(BaseSamplerRuntime):
             results, _ = self.workers.generate(prompts, params, seed=seed)
             return results, self.version
 
-    def score(self, rows: list[tuple[list[int], list[int]]], which: str, temperature: float = 1.0) -> list[list[float]]:
-        if which != "policy":
-            raise NotImplementedError("the verl backend scores with the policy only (no reference model yet)")
-        with self.lock:
-            return self.workers.score(rows, temperature)
+    def _score_policy(self, rows: list[tuple[list[int], list[int]]], temperature: float) -> list[list[float]]:
+        return self.workers.score(rows, temperature)  # the sampler's own copy (rank 0's rollout)
 
 
-class HttpSamplerRuntime(BaseSamplerRuntime):
+class HttpSamplerRuntime(_WorkersRuntime):
     """The engine's sampler with ``rollout: vllm_http``: token-in/token-out requests to vLLM servers
     (:class:`rllm_verl.http_rollout.VLLMHttpRollout`), under the runtime's lock, so a weight push
     (which takes the lock) never lands in the middle of a batch."""
 
-    def __init__(self, client: Any, tokenizer: Any, *, eos_ids: set[int], max_new_tokens: int) -> None:
+    def __init__(
+        self, client: Any, tokenizer: Any, *, eos_ids: set[int], max_new_tokens: int, workers: Any = None
+    ) -> None:
         super().__init__(tokenizer, eos_ids=eos_ids, max_new_tokens=max_new_tokens)
         self.client = client
+        self.workers = workers
 
     def generate(self, prompts: list[list[int]], params: list[Any]) -> tuple[list[Any], int]:
         with self.lock:
             self.batches += 1
             self.batch_sizes.append(len(prompts))
             return self.client.generate(prompts, params), self.version
-
-    def score(self, rows: list[tuple[list[int], list[int]]], which: str, temperature: float = 1.0) -> list[list[float]]:
-        raise NotImplementedError("the verl backend's vllm_http rollout does not score sequences (compute_logprobs)")
 
     def shutdown(self) -> None:
         super().shutdown()
@@ -108,6 +137,10 @@ class VerlBackend(Backend):
 
             cfg = _validate_section(VerlConfig, cfg or {}, self.name)
         self.validate_config(config)
+        if cfg.reference is False and config.algorithm.loss.kl_coef > 0:
+            raise ConfigError("verl.reference: false, but algorithm.loss.kl_coef > 0 needs the reference model")
+        if cfg.reference is None:
+            cfg = cfg.model_copy(update={"reference": needs_reference(config)})
         self.seed = config.trainer.seed
         temperature = config.rollout.train_sampling.get("temperature", 1.0)
         # logprobs of softmax(logits / T) at the training temperature, in the sampler and in verl alike
@@ -213,7 +246,9 @@ class VerlBackend(Backend):
         self._probe = tokens
         self._weight_sync.check_parity(self._parity_probe())  # the servers hold the model the actor trains
         client = VLLMHttpRollout(urls)
-        return HttpSamplerRuntime(client, self.tokenizer, eos_ids=eos_ids, max_new_tokens=cfg.max_new_tokens)
+        return HttpSamplerRuntime(
+            client, self.tokenizer, eos_ids=eos_ids, max_new_tokens=cfg.max_new_tokens, workers=self.workers
+        )
 
     def _parity_probe(self) -> Any:
         """The probe's tokens with the actor's current log-probs of them (temperature 1, as vLLM's
@@ -351,7 +386,11 @@ class VerlBackend(Backend):
         path.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         self.workers.save_checkpoint(str(path / "verl"), step=self.updates)
-        meta = {"updates": self.updates, "version": self.runtime.version, "save_s": time.perf_counter() - start}
+        meta = {"updates": self.updates, "version": self.runtime.version}
+        if self.runtime.reference_refreshed:  # the initial policy needs no copy: the model files are it
+            self.workers.save_reference(str(path / "reference"))
+            meta["reference"] = "refreshed"
+        meta["save_s"] = time.perf_counter() - start
         (path / "rllm_verl.json").write_text(json.dumps(meta, indent=2))
 
     def load_checkpoint(self, path: Path) -> None:
@@ -361,6 +400,9 @@ class VerlBackend(Backend):
             raise FileNotFoundError(f"verl backend: {path} is not a checkpoint of it (no rllm_verl.json)")
         meta = json.loads(meta_file.read_text())
         self.workers.load_checkpoint(str(path / "verl"))
+        if meta.get("reference") == "refreshed":
+            self.workers.load_reference(str(path / "reference"))
+            self.runtime.reference_refreshed = True
         self.updates = int(meta["updates"])
         self._sync(int(meta["version"]))
         if self.rollout_engine is not None:

@@ -114,6 +114,10 @@ class VerlConfig(BaseModel):
     entropy_coef: float = Field(0.0, ge=0)
     """Entropy bonus (verl's ``entropy_coeff``): ``entropy_coef * entropy`` aggregated like the loss is
     subtracted from it, as ``torch.entropy_coef``; keeps a small model exploring."""
+    reference: bool | None = None
+    """A reference model in the workers (the initial policy, until the engine's ``refresh_reference``);
+    None: when ``algorithm.loss.kl_coef > 0``. Set it for hooks that score with the reference without a
+    KL loss (OPSD's ``postprocess_opsd``: ``engine.compute_logprobs(..., model="reference")``)."""
     seed: int = 42
     ray_address: str | None = None
     """Join an existing Ray cluster; None: start a local one (and stop it on shutdown)."""

@@ -109,8 +109,8 @@ class VerlWorkers:
         self.temperature = float(temperature)
         self.loss_scale_factor = loss_scale_factor
         self.has_rollout = rollout
-        self.has_ref = self.algorithm.loss.kl_coef > 0
-        # verl has no actor+ref role without a rollout: a KL run always carries the torch rollout
+        self.has_ref = cfg.reference if cfg.reference is not None else self.algorithm.loss.kl_coef > 0
+        # verl has no actor+ref role without a rollout: a run with a reference always carries the torch rollout
         self.role = "actor_rollout_ref" if self.has_ref else "actor_rollout" if rollout else "actor"
         self.verl_config = compose_verl_config(cfg, self.algorithm, loss_scale_factor, rollout="rollout" in self.role)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model_path, local_files_only=True)
@@ -349,13 +349,51 @@ class VerlWorkers:
 
     def score_tokens(self, tokens: Sequence[int], temperature: float = 1.0) -> list[float]:
         """The actor's log-probs of ``tokens[1:]``, each given the tokens before it (``len - 1`` values)."""
+        tokens = [int(t) for t in tokens]
+        return self.score_rows([(tokens[:1], tokens[1:])], temperature=temperature)[0]
+
+    def score_rows(
+        self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, reference: bool = False, temperature: float = 1.0
+    ) -> list[list[float]]:
+        """Log-probs of each ``(prompt, response)`` pair's response tokens under the actor, or the
+        reference model (``reference``), at ``temperature``: one forward over all ranks."""
         from rllm_core.rows import build_rows
         from rllm_core.types import Step, Trajectory, TrajectoryGroup
 
-        tokens = [int(t) for t in tokens]
-        step = Step(prompt_ids=tokens[:1], response_ids=tokens[1:], logprobs=[0.0] * (len(tokens) - 1))
-        rows = build_rows([TrajectoryGroup(task_id="probe", role="probe", trajectories=[Trajectory(steps=[step])])])
-        return self._infer(rows, None, reference=False, temperature=float(temperature))[1:].tolist()
+        if reference and not self.has_ref:
+            raise RuntimeError(
+                "these verl workers have no reference model: set verl.reference: true (or algorithm.loss.kl_coef > 0)"
+            )
+        scored = [i for i, (_, r) in enumerate(pairs) if len(r)]  # an empty response has nothing to score
+        out: list[list[float]] = [[] for _ in pairs]
+        if not scored:
+            return out
+        steps = [
+            Step(prompt_ids=[int(t) for t in pairs[i][0]], response_ids=[int(t) for t in pairs[i][1]]) for i in scored
+        ]
+        for step in steps:
+            step.logprobs = [0.0] * len(step.response_ids)
+        group = TrajectoryGroup(task_id="score", role="score", trajectories=[Trajectory(steps=[s]) for s in steps])
+        rows = build_rows([group])  # one row per pair, in order
+        flat = self._infer(rows, None, reference=reference, temperature=float(temperature))
+        for k, i in enumerate(scored):
+            start, end = int(rows.offsets[k]), int(rows.offsets[k + 1])
+            out[i] = flat[start:end][rows.loss_mask[start:end]].tolist()
+        return out
+
+    def copy_reference(self) -> None:
+        """The actor's current weights become the reference model's (``refresh_reference``), shard by
+        shard on every rank."""
+        if not self.has_ref:
+            raise RuntimeError("these verl workers have no reference model: set verl.reference: true")
+        self.group.execute_all_sync("rllm_copy_reference")
+
+    def save_reference(self, path: str) -> None:
+        """Each rank's shards of the reference model under ``path`` (``reference_rank_<r>.pt``)."""
+        self.group.execute_all_sync("rllm_save_reference", str(path))
+
+    def load_reference(self, path: str) -> None:
+        self.group.execute_all_sync("rllm_load_reference", str(path))
 
     def _need_rollout(self) -> None:
         if not self.has_rollout:

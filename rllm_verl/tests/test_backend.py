@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from rllm_core.hookspecs import hookimpl
 
 pytest.importorskip("rllm_example_arith", reason="the runs use the arith example's workflow")
 
@@ -217,3 +220,68 @@ def test_vllm_http_refuses_a_tied_model_by_name(tmp_path):
     config = verl_config(str(tmp_path / "run"), **{"verl.rollout": "vllm_http"})  # the tiny model is tied
     with pytest.raises(ConfigError, match=r"verl\.tiny\.tie_word_embeddings"):
         UnifiedTrainer(config).fit()
+
+
+class ReferenceGap:
+    """After ``opsd``: per served version, the largest |reference - policy| log-prob on the episodes' tokens."""
+
+    def __init__(self) -> None:
+        self.gaps: dict[int, float] = {}
+
+    @hookimpl(trylast=True)
+    async def postprocess_opsd(self, episode, engine) -> None:
+        for trajectory in episode.trajectories:
+            for s in trajectory.steps:
+                ref = await engine.compute_logprobs(s.prompt_ids, s.response_ids, model="reference")
+                policy = await engine.compute_logprobs(s.prompt_ids, s.response_ids, model="policy")
+                gap = max((abs(a - b) for a, b in zip(ref, policy, strict=True)), default=0.0)
+                self.gaps[s.weight_version] = max(self.gaps.get(s.weight_version, 0.0), gap)
+
+
+def test_opsd_on_verl_scores_with_a_reference_that_refreshes_and_is_checkpointed(tmp_path, ray_cluster):
+    """OPSD switched on from config alone: the reference model is added to the workers (no KL loss),
+    it is the policy at the start, stays behind while the policy moves, is refreshed every 2 updates,
+    and a run resumed from a checkpoint taken after a refresh scores with the refreshed reference."""
+    pytest.importorskip("rllm_example_opsd", reason="the opsd example's workflow puts teacher contexts on steps")
+    from verl_run_helpers import verl_config
+
+    from rllm_core import UnifiedTrainer
+
+    run_dir = tmp_path / "run"
+    overrides = {
+        "workflow.name": "arith_opsd",
+        "hooks": "{opsd: {teacher: refresh, refresh_every: 2, clip: 5.0}}",
+        "algorithm.use_precomputed_advantage": True,
+        "algorithm.loss.name": "importance_sampling",
+        "data.train_batch_size": 4,
+        "rollout.n": 4,
+        "rollout.train_sampling.max_tokens": 2,
+        "trainer.total_steps": 4,
+        "trainer.save_every": 2,
+    }
+
+    def config(**more):
+        config = verl_config(str(run_dir), **{**overrides, **more})
+        config.data.train = [{"id": str(i), "question": f"{i}+{i}=", "answer": str(2 * i)} for i in range(8)]
+        return config
+
+    trainer = UnifiedTrainer(config())
+    check = ReferenceGap()
+    trainer.runner.add("reference_gap", check)
+    trainer.fit()
+    assert trainer.runner.failures == {}
+    gaps = check.gaps
+    assert sorted(gaps) == [0, 1, 2, 3]
+    assert gaps[0] < 1e-5 and gaps[2] < 1e-5  # refreshed: at the start, and after update 2
+    assert gaps[1] > 1e-3 and gaps[3] > 1e-3  # one update behind the policy
+    (last,) = [p for p in (run_dir / "checkpoints").glob("step_*") if int(p.name.split("_")[1]) == 4]
+    meta = json.loads((last / "backend" / "rllm_verl.json").read_text())
+    assert meta["reference"] == "refreshed"
+
+    resumed = UnifiedTrainer(config(**{"trainer.resume": "auto", "trainer.total_steps": 5}))
+    check = ReferenceGap()
+    resumed.runner.add("reference_gap", check)
+    resumed.fit()
+    assert resumed.runner.failures == {}
+    # refreshed at version 4 before the step-4 checkpoint; a resumed run does not refresh at its start
+    assert sorted(check.gaps) == [4] and check.gaps[4] < 1e-5

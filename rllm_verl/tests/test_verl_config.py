@@ -135,3 +135,21 @@ def test_verls_vanilla_loss_is_the_torch_backends_per_token_loss(composed, name,
         one = [x[:, t : t + 1] for x in (old, logp, adv)]
         got, _ = compute_policy_loss_vanilla(*one, response_mask=torch.ones(1, 1), config=config)
         assert float(got) == pytest.approx(float(expected[t]), rel=1e-12, abs=1e-12), t
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({}, False),
+        ({"algorithm": {"loss": {"kl_coef": 0.1}}}, True),
+        ({"hooks": {"opsd": {}}}, True),  # teacher: initial (the default) is the reference
+        ({"hooks": {"opsd": {"teacher": "refresh"}}}, True),
+        ({"hooks": {"opsd": {"teacher": "current"}}}, False),  # scored with the policy
+    ],
+)
+def test_the_workers_get_a_reference_for_a_kl_loss_or_an_opsd_teacher(settings, expected):
+    from rllm_verl.backend import needs_reference
+
+    from rllm_core.config import load_config
+
+    assert needs_reference(load_config({"backend": "verl", **settings})) is expected
