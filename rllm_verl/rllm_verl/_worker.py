@@ -59,6 +59,14 @@ class RLLMActorRolloutRefWorker(ActorRolloutRefWorker):
         if scheduler is not None:
             scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
 
+    def rllm_rng_state(self) -> Any:
+        """This rank's sampler generator state (checkpoints)."""
+        return self.rollout.sampler.generator.get_state()
+
+    def rllm_set_rng_state(self, state: Any) -> None:
+        """Restore this rank's sampler generator state (the group hands worker i the i-th of a list)."""
+        self.rollout.sampler.generator.set_state(state)
+
     # -- the reference model (OPSD's refreshed teacher) -----------------------------------------
 
     def _reference_pairs(self) -> list[tuple[Any, Any]]:

@@ -387,6 +387,11 @@ class VerlBackend(Backend):
         start = time.perf_counter()
         self.workers.save_checkpoint(str(path / "verl"), step=self.updates)
         meta = {"updates": self.updates, "version": self.runtime.version}
+        if self.workers.has_rollout:  # the samplers' random state: a resumed run draws what this one would
+            import torch
+
+            with self.runtime.lock:
+                torch.save(self.workers.rollout_rng_state(), path / "rollout_rng.pt")
         if self.runtime.reference_refreshed:  # the initial policy needs no copy: the model files are it
             self.workers.save_reference(str(path / "reference"))
             meta["reference"] = "refreshed"
@@ -400,6 +405,13 @@ class VerlBackend(Backend):
             raise FileNotFoundError(f"verl backend: {path} is not a checkpoint of it (no rllm_verl.json)")
         meta = json.loads(meta_file.read_text())
         self.workers.load_checkpoint(str(path / "verl"))
+        rng_file = path / "rollout_rng.pt"
+        if self.workers.has_rollout and rng_file.is_file():
+            import torch
+
+            with self.runtime.lock:
+                self.workers.set_rollout_rng_state(torch.load(rng_file, weights_only=False))
+                self.runtime._seed = None  # the restored state, not a fresh seed, draws the next batch
         if meta.get("reference") == "refreshed":
             self.workers.load_reference(str(path / "reference"))
             self.runtime.reference_refreshed = True

@@ -388,6 +388,17 @@ class VerlWorkers:
             raise RuntimeError("these verl workers have no reference model: set verl.reference: true")
         self.group.execute_all_sync("rllm_copy_reference")
 
+    def rollout_rng_state(self) -> list[Any]:
+        """Each rank's sampler generator state, in rank order."""
+        self._need_rollout()
+        return list(self.group.execute_all_sync("rllm_rng_state"))
+
+    def set_rollout_rng_state(self, states: list[Any]) -> None:
+        self._need_rollout()
+        if len(states) != self.world_size:
+            raise ValueError(f"{len(states)} sampler states for {self.world_size} ranks (another verl.world_size?)")
+        self.group.execute_all_sync("rllm_set_rng_state", list(states))  # a list of world size: one each
+
     def save_reference(self, path: str) -> None:
         """Each rank's shards of the reference model under ``path`` (``reference_rank_<r>.pt``)."""
         self.group.execute_all_sync("rllm_save_reference", str(path))
