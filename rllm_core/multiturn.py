@@ -145,6 +145,24 @@ class Sampled:
     completion_ids: list[int]
     ended_with: str | int | None
 
+    @classmethod
+    def from_output(
+        cls, messages: Sequence[Mapping[str, Any]], tools: Any, out: Any, ended_with: str | int | None
+    ) -> Sampled:
+        """The turn of ``out`` (a ``ModelOutput``) answering ``messages``; the messages are copied, as a
+        workflow may edit its list (compaction) before a lookup reads them."""
+        return cls(
+            messages=[dict(m) for m in messages],
+            tools=tools,
+            content=out.content,
+            text=out.text,
+            tool_calls=out.tool_calls,
+            reasoning=out.reasoning,
+            prompt_ids=out.prompt_ids,
+            completion_ids=out.completion_ids,
+            ended_with=ended_with,
+        )
+
     def replies(self) -> list[dict[str, Any]]:
         """The forms of the reply a workflow may append (see the module docstring)."""
         reply: dict[str, Any] = {"content": self.content, "tool_calls": self.tool_calls}

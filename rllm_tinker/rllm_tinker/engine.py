@@ -388,20 +388,7 @@ class TinkerRolloutEngine(RolloutEngine):
         if not all(isinstance(t, int) for t in out.prompt_ids):  # image chunks: not continued
             return
         last = out.completion_ids[-1]
-        self.turns.remember(
-            Sampled(
-                # a copy: the workflow may edit its messages (compaction) before a lookup reads these
-                messages=[dict(m) for m in messages],
-                tools=tools,
-                content=out.content,
-                text=out.text,
-                tool_calls=out.tool_calls,
-                reasoning=out.reasoning,
-                prompt_ids=out.prompt_ids,
-                completion_ids=out.completion_ids,
-                ended_with=last if last in self._eot_ids else None,
-            )
-        )
+        self.turns.remember(Sampled.from_output(messages, tools, out, last if last in self._eot_ids else None))
 
     async def _generate_tokens(self, token_input: TokenInput, **sampling: Any) -> ModelOutput:
         self._require_client()

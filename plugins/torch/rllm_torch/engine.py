@@ -358,21 +358,9 @@ class TorchRolloutEngine(RolloutEngine):
         conv = req.conversation
         assert conv is not None
         completion = r.completion_ids
-        self.turns.remember(
-            Sampled(
-                # a copy: the workflow may edit its messages (compaction) before a lookup reads these
-                messages=[dict(m) for m in conv.messages],
-                tools=conv.tools,
-                content=out.content,
-                text=out.text,
-                tool_calls=out.tool_calls,
-                reasoning=out.reasoning,
-                prompt_ids=req.prompt_ids,
-                completion_ids=completion,
-                # the end-of-sequence token the completion ended with, if it did
-                ended_with=self._eos_text.get(completion[-1]) if completion and r.stop_text is None else None,
-            )
-        )
+        # the end-of-sequence token the completion ended with, if it did
+        ended = self._eos_text.get(completion[-1]) if completion and r.stop_text is None else None
+        self.turns.remember(Sampled.from_output(conv.messages, conv.tools, out, ended))
 
     async def _dispatch(self) -> None:
         assert self._wakeup is not None and self._loop is not None
