@@ -40,6 +40,7 @@ from rllm_core.protocol import Backend, TrainerState
 from rllm_core.types import ModelOutput, Step, Trajectory
 
 __all__ = [
+    "ADD_TOOL",
     "RecordingHooks",
     "SimulatedBackend",
     "SimulatedConfig",
@@ -72,6 +73,16 @@ class SimulatedConfig(BaseModel):
     trace_file: str | None = None
     """Append one JSON line per update (step, versions, task ids) to this file."""
 
+
+ADD_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "Add two numbers.",
+        "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}},
+    },
+}
+"""An OpenAI-format function tool, for tests of tool calling (engines, parsers, the gateway)."""
 
 _QUESTION = re.compile(r"(-?\d+)\s*\+\s*(-?\d+)")
 

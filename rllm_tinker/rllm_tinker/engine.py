@@ -272,6 +272,7 @@ class TinkerRolloutEngine(RolloutEngine):
         self.renderer_name: str | None = None
         self.tokenizer: Any = None
         self.stop: list[Any] = []
+        self._eot_ids: list[int] = []
         self._prompt_cache = PromptCache()
         self.reference_factory: Any = None
         """Set by the backend: an async callable returning a sampler of the current weights."""
@@ -283,6 +284,8 @@ class TinkerRolloutEngine(RolloutEngine):
         self.renderer, self.tokenizer = renderer, tokenizer
         self.renderer_name = renderer_name
         self.stop = list(renderer.get_stop_sequences()) or [tokenizer.eos_token_id]
+        # the renderer's stop tokens: continuation needs token stops (with stop strings every turn re-renders)
+        self._eot_ids = [s for s in self.stop if isinstance(s, int)]
         self._prompt_cache.clear()
         self.turns = TurnCache(self.turns.max_size)  # turns of another renderer do not continue
 
@@ -358,11 +361,6 @@ class TinkerRolloutEngine(RolloutEngine):
         if remember and out.completion_ids:
             self._remember(messages, tools, out)
         return out
-
-    @property
-    def _eot_ids(self) -> list[int]:
-        """The renderer's stop tokens (continuation needs token stops; stop strings re-render)."""
-        return [s for s in self.stop if isinstance(s, int)]
 
     def _continue(self, messages: list[Mapping[str, Any]], tools: Any) -> tuple[tinker.ModelInput, str]:
         """The prompt of a request that holds an assistant reply: continued from the sampled turn when

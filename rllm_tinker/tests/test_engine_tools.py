@@ -25,16 +25,10 @@ from rllm_tinker.testing import TOOLS_BASE_MODEL, LocalTinker
 from tinker_cookbook import renderers
 from tinker_helpers import Scripted
 
+from rllm_core.testing import ADD_TOOL
 from rllm_core.types import ModelOutput
 
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "description": "Add two numbers.",
-        "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}},
-    },
-}
+ADD = ADD_TOOL
 MUL = {"type": "function", "function": {"name": "mul", "parameters": {"type": "object", "properties": {}}}}
 ADD_JSON = (
     '{"type": "function", "function": {"name": "add", "description": "Add two numbers.", "parameters": '

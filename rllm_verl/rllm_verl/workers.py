@@ -369,10 +369,9 @@ class VerlWorkers:
         if not scored:
             return out
         steps = [
-            Step(prompt_ids=[int(t) for t in pairs[i][0]], response_ids=[int(t) for t in pairs[i][1]]) for i in scored
+            Step(prompt_ids=[int(t) for t in p], response_ids=[int(t) for t in r], logprobs=[0.0] * len(r))
+            for p, r in (pairs[i] for i in scored)
         ]
-        for step in steps:
-            step.logprobs = [0.0] * len(step.response_ids)
         group = TrajectoryGroup(task_id="score", role="score", trajectories=[Trajectory(steps=[s]) for s in steps])
         rows = build_rows([group])  # one row per pair, in order
         flat = self._infer(rows, None, reference=reference, temperature=float(temperature))

@@ -11,6 +11,7 @@ import openai
 
 from rllm_core.engine import RolloutEngine
 from rllm_core.parsers import build_parser
+from rllm_core.testing import ADD_TOOL
 from rllm_core.types import ModelOutput
 
 
@@ -82,14 +83,7 @@ class ScriptedEngine(RolloutEngine):
         )
 
 
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "description": "Add two numbers.",
-        "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}},
-    },
-}
+ADD = ADD_TOOL
 
 
 def client(base_url: str, key: str) -> openai.AsyncOpenAI:

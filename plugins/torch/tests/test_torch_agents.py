@@ -17,17 +17,11 @@ pytest.importorskip("torch")
 
 from rllm_core.config import load_config
 from rllm_core.rows import build_rows
+from rllm_core.testing import ADD_TOOL
 from rllm_core.types import Step, Trajectory, TrajectoryGroup
 
 AGENT_VOCAB = [*VOCAB, "add", "a", "b", "so", "ok", "again", "hi", "true"]
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "description": "Add two numbers.",
-        "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}},
-    },
-}
+ADD = ADD_TOOL
 OLD_TINY_TEMPLATE = (  # the template before tools existed: plain conversations must render exactly so
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <eos> {% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
