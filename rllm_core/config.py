@@ -186,6 +186,10 @@ class OptimConfig(_Section):
     own loss aggregation; None: one step on all rows. A fixed size, not a fixed count, so a step
     with little data (dynamic sampling found few informative tasks) takes few steps. After the first
     step the updates are off-policy: the ratio and the PPO clip act."""
+    shuffle: Literal["rows", "groups"] = "rows"
+    """What each pass shuffles into mini-batches: single ``rows``, or whole ``groups`` (a group's rows
+    stay together, as in verl's mini-batches of prompts: cheaper where a backend runs a shared prompt
+    once per mini-batch, but each optimiser step then sees fewer tasks)."""
     epochs: int = Field(1, ge=1)
     """Passes over a training step's rows (verl's ``ppo_epochs``, TRL's ``num_iterations``). The
     learning-rate schedule advances once per training step, whatever the number of optimiser steps."""

@@ -44,7 +44,7 @@ from rllm_core.types import Step, TerminationReason, TrajectoryGroup
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-__all__ = ["AGG_MODES", "ROW_BREAK_KEY", "RowView", "TokenRows", "build_rows"]
+__all__ = ["AGG_MODES", "ROW_BREAK_KEY", "RowView", "TokenRows", "build_rows", "mini_batches"]
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -236,6 +236,43 @@ def _episode_info(group: TrajectoryGroup, j: int) -> tuple[Any, int, int, str]:
                 break
         return ep.termination_reason, ep.rollout_idx, t_idx, ep.termination_reason.value
     return None, -1, -1, TerminationReason.UNKNOWN.value
+
+
+def mini_batches(
+    n_rows: int,
+    step: int,
+    seed: int,
+    mini_batch_size: int | None,
+    epochs: int,
+    groups: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """How a training step's rows are split into optimiser steps (every backend's rule).
+
+    ``epochs`` passes over the rows, each shuffled (seeded by ``seed`` and ``step``) into mini-batches
+    of ``mini_batch_size`` (the last may be smaller); one batch when it holds them all. With
+    ``groups`` (each row's group index, ``TokenRows.group_index``) the groups are shuffled, not the
+    rows: a group's rows stay together in row order, so a mini-batch holds whole groups (one may be
+    cut at its edge), as in verl's mini-batches of prompts.
+    """
+    import numpy as np
+
+    size = mini_batch_size or n_rows
+    if size >= n_rows and epochs == 1:
+        return [list(range(n_rows))]
+    rng = np.random.default_rng([seed, step])
+    members: dict[int, list[int]] = {}
+    if groups is not None:
+        for row, g in enumerate(groups):
+            members.setdefault(int(g), []).append(row)
+    keys = list(members)
+    out = []
+    for _ in range(epochs):
+        if groups is None:
+            order = rng.permutation(n_rows).tolist()
+        else:
+            order = [row for k in rng.permutation(len(keys)).tolist() for row in members[keys[k]]]
+        out.extend(order[i : i + size] for i in range(0, n_rows, size))
+    return out
 
 
 def build_rows(

@@ -324,11 +324,14 @@ class Step(BaseModel):
         """Build a step from an engine response and the messages that were sent.
 
         The token lists are taken from ``model_output`` as they are (it validated them already), not
-        copied: this is the hot path of every rollout. Extra ``fields`` go through full validation.
+        copied: this is the hot path of every rollout. Extra ``fields`` (but a bool ``done``) go through
+        full validation.
         """
         completion_ids = model_output.completion_ids
         logprobs = model_output.logprobs or []
-        if fields or cls is not Step:  # subclasses may add fields or validators: validate fully
+        done = fields.get("done", False)
+        # subclasses may add fields or validators, and other fields need checking: validate fully
+        if cls is not Step or type(done) is not bool or fields.keys() - {"done"}:
             return cls(
                 prompt_ids=model_output.prompt_ids,
                 response_ids=completion_ids,
@@ -358,7 +361,7 @@ class Step(BaseModel):
             "action": action,
             "observation": None,
             "reward": 0.0,
-            "done": False,
+            "done": done,
             "info": {},
             "advantage": None,
             "weight_version": model_output.weight_version,
@@ -368,7 +371,7 @@ class Step(BaseModel):
         # What ``model_construct`` does, without its per-field default handling (4x faster here).
         _set = object.__setattr__
         _set(step, "__dict__", values)
-        _set(step, "__pydantic_fields_set__", set(_FROM_OUTPUT_FIELDS))
+        _set(step, "__pydantic_fields_set__", set(_FROM_OUTPUT_FIELDS_DONE if done else _FROM_OUTPUT_FIELDS))
         _set(step, "__pydantic_extra__", None)
         _set(step, "__pydantic_private__", None)
         return step
@@ -388,6 +391,7 @@ _FROM_OUTPUT_FIELDS = frozenset(
         "backend_data",
     }
 )
+_FROM_OUTPUT_FIELDS_DONE = _FROM_OUTPUT_FIELDS | {"done"}
 
 
 class Trajectory(BaseModel):

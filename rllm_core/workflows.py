@@ -28,6 +28,7 @@ import asyncio
 import collections
 import inspect
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -624,7 +625,7 @@ class WorkflowEngine:
                 try:
                     out = await futures[i] if futures is not None else self.reward_fn(task, action)
                     if inspect.isawaitable(out):
-                        out = await asyncio.wait_for(out, timeout)
+                        out = await _with_timeout(out, timeout)
                     traj.reward, is_correct = _reward_value(out)
                 except asyncio.CancelledError:
                     raise
@@ -650,6 +651,20 @@ class WorkflowEngine:
 
 
 _OPEN_ENDINGS = (TerminationReason.UNKNOWN, TerminationReason.ENV_DONE)
+
+
+if sys.version_info >= (3, 11):
+
+    async def _with_timeout(awaitable: Any, timeout: float) -> Any:
+        """``await awaitable`` within ``timeout`` seconds, in the caller's task (no task per call,
+        unlike ``wait_for``: a third of the cost of a trivial async reward)."""
+        async with asyncio.timeout(timeout):
+            return await awaitable
+
+else:  # pragma: no cover - Python 3.10
+
+    async def _with_timeout(awaitable: Any, timeout: float) -> Any:
+        return await asyncio.wait_for(awaitable, timeout)
 
 
 def _cut_by_length(episode: Episode) -> str | None:

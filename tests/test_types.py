@@ -124,6 +124,26 @@ def test_from_model_output_copies_engine_fields():
     assert step.chat_completions == [{"role": "user", "content": "2+2?"}]
 
 
+@pytest.mark.parametrize("fields", [{}, {"done": True}, {"done": False}, {"done": True, "reward": 1.0}, {"done": 1}])
+def test_from_model_output_builds_what_validation_builds(fields):
+    out = ModelOutput(text="4", prompt_ids=[5], completion_ids=[7, 8], logprobs=[-0.5, -0.25], finish_reason="stop")
+    msgs = [{"role": "user", "content": "2+2?"}]
+    step = Step.from_model_output(out, msgs, action="4", **fields)
+    checked = Step(
+        prompt_ids=[5],
+        response_ids=[7, 8],
+        logprobs=[-0.5, -0.25],
+        chat_completions=msgs,
+        model_response="4",
+        action="4",
+        finish_reason="stop",
+        **fields,
+    )
+    assert step.model_dump() == checked.model_dump()
+    assert step.done is bool(fields.get("done"))
+    assert ("done" in step.model_fields_set) == bool(fields.get("done"))
+
+
 # ---------------------------------------------------------------------------------------------
 # ChatView
 

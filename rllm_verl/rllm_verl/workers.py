@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rllm_core.config import AlgorithmConfig, LossConfig
+from rllm_core.rows import mini_batches
 from rllm_verl import compat
 from rllm_verl.config import VerlConfig, actor_config, compose_verl_config
 from rllm_verl.dataproto import response_values_to_rows, rows_to_dataproto
@@ -38,7 +39,7 @@ from rllm_verl.dataproto import response_values_to_rows, rows_to_dataproto
 if TYPE_CHECKING:  # pragma: no cover
     from rllm_core.rows import TokenRows
 
-__all__ = ["FORWARDED_ENV", "VerlWorkers", "forwarded_env", "mini_batches"]
+__all__ = ["FORWARDED_ENV", "VerlWorkers", "forwarded_env"]
 
 FORWARDED_ENV = ("PYTHONPATH", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "PYTORCH_CUDA_ALLOC_CONF")
 """Variables of the driver's environment that every worker gets (with any ``HF_*``, ``TRANSFORMERS_*``,
@@ -55,20 +56,6 @@ def forwarded_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
     environ = dict(os.environ if environ is None else environ)
     return {k: v for k, v in environ.items() if k in FORWARDED_ENV or k.startswith(_FORWARDED_PREFIXES)}
-
-
-def mini_batches(n_rows: int, step: int, seed: int, mini_batch_size: int | None, epochs: int) -> list[list[int]]:
-    """``epochs`` passes over the rows, each shuffled (seeded by ``seed`` and ``step``) into
-    mini-batches of ``mini_batch_size`` (the last may be smaller); one batch when it holds them all."""
-    size = mini_batch_size or n_rows
-    if size >= n_rows and epochs == 1:
-        return [list(range(n_rows))]
-    rng = np.random.default_rng([seed, step])
-    out = []
-    for _ in range(epochs):
-        order = rng.permutation(n_rows).tolist()
-        out.extend(order[i : i + size] for i in range(0, n_rows, size))
-    return out
 
 
 def _mean(value: Any) -> float:
@@ -270,7 +257,8 @@ class VerlWorkers:
         ref = self._ref(rows, ref_logprobs)
         optim = self.algorithm.optim
         sums: dict[str, list[float]] = {}
-        parts = mini_batches(len(rows), step, self.cfg.seed, optim.mini_batch_size, optim.epochs)
+        groups = rows.group_index if optim.shuffle == "groups" else None
+        parts = mini_batches(len(rows), step, self.cfg.seed, optim.mini_batch_size, optim.epochs, groups)
         for part in parts:
             proto, td = self._batch(rows, part, old, ref, is_weights)
             tu.assign_non_tensor(

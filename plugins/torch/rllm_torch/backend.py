@@ -40,6 +40,7 @@ import torch
 
 from rllm_core.config import ConfigError, RLLMConfig
 from rllm_core.protocol import Backend, TrainerState
+from rllm_core.rows import mini_batches
 from rllm_torch.config import TorchBackendConfig
 from rllm_torch.engine import SamplerRuntime, TorchRolloutEngine, _copy_weights
 from rllm_torch.losses import LOSSES, kl_penalty, policy_loss
@@ -114,8 +115,10 @@ class TorchBackend(Backend):
 
         optim = config.algorithm.optim
         params = [p for p in self.policy.parameters() if p.requires_grad]
+        # foreach: one kernel per step for all parameters, not one per tensor (torch's default only
+        # on CUDA); on CPU it halves the step of a small model
         self.optimizer = torch.optim.AdamW(
-            params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay
+            params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, foreach=True
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.updates = 0
@@ -296,19 +299,6 @@ class TorchBackend(Backend):
         metrics = await loop.run_in_executor(self._train_executor, self._train_step, batch, rows, state.step)
         state.metrics.update(metrics)
 
-    def _mini_batches(self, n_rows: int, step: int) -> list[list[int]]:
-        """``epochs`` passes over the rows, each shuffled (seeded by the step) into mini-batches."""
-        optim = self.config.algorithm.optim
-        size = optim.mini_batch_size or n_rows
-        if size >= n_rows and optim.epochs == 1:
-            return [list(range(n_rows))]
-        rng = np.random.default_rng([self.seed, step])
-        out = []
-        for _ in range(optim.epochs):
-            order = rng.permutation(n_rows).tolist()
-            out.extend(order[i : i + size] for i in range(0, n_rows, size))
-        return out
-
     def _train_step(self, batch: TrainBatch, rows: Any, step: int) -> dict[str, float]:
         loss_cfg = self.config.algorithm.loss
         start = time.perf_counter()
@@ -321,7 +311,9 @@ class TorchBackend(Backend):
         with self._train_lock, self.runtime.lock if not self.separate_sampler else _NULL_LOCK:
             self.policy.train()
             lr = self.scheduler.get_last_lr()[0]
-            for part in self._mini_batches(len(batch), step):
+            optim = self.config.algorithm.optim
+            groups = rows.group_index if optim.shuffle == "groups" else None
+            for part in mini_batches(len(batch), step, self.seed, optim.mini_batch_size, optim.epochs, groups):
                 weights = rows.loss_weights(loss_cfg.agg_mode, factor, rows=part)
                 batch.weights = [weights[cuts[r] : offsets[r + 1]].astype(np.float32) for r in range(len(batch))]
                 n, f, fr, t, norm = self._optimizer_step(batch, part, sums)
