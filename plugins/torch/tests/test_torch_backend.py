@@ -212,3 +212,25 @@ def test_prompt_sharing_and_zero_advantage_skipping_give_the_same_update():
     grads = {n: p.grad for n, p in fast.policy.named_parameters()}
     for name, p in plain.policy.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_a_small_model_gets_one_cpu_thread_unless_configured(monkeypatch):
+    import os
+
+    import torch
+    from rllm_torch import backend as backend_module
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    try:
+        backend(**{"torch.num_threads": "null"})
+        assert torch.get_num_threads() == 1  # the tiny test model: its ops are too small to split
+        monkeypatch.setattr(backend_module, "SMALL_MODEL_PARAMS", 1000)  # now it counts as a real model
+        backend(**{"torch.num_threads": "null"})
+        assert torch.get_num_threads() == 8  # every core in sync mode
+        backend(**{"torch.num_threads": "null", "trainer.mode": "async"})
+        assert torch.get_num_threads() == 4  # half each for the sampler and the trainer
+        backend(**{"torch.num_threads": 3})
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
