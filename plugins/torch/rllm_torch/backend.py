@@ -548,9 +548,9 @@ SMALL_MODEL_PARAMS = 5_000_000
 
 def _default_threads(model: Any, separate_sampler: bool) -> int:
     """torch's CPU threads when ``torch.num_threads`` is not set: one for a small model (the main job's
-    0.5M-parameter model steps 25% faster on one thread than on two: its ops are too small to split,
-    and the idle workers' spinning takes the cores the Python threads need); else every core, or half
-    of them each when sampler and trainer run at once (``separate_sampler``)."""
+    0.5M-parameter model: its ops are too small to split, and on two threads the idle OpenMP worker
+    spins on the core the Python threads need, 13% of a step); else every core, or half of them each
+    when sampler and trainer run at once (``separate_sampler``)."""
     if sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
         return 1
     cores = os.cpu_count() or 1

@@ -89,8 +89,8 @@ class TorchBackendConfig(_Section):
     """Seed for weights init and sampling; None: ``trainer.seed``."""
     num_threads: int | None = Field(None, ge=1)
     """torch CPU threads; None: one for a model under 5M parameters (its ops are too small to split:
-    the main job steps 25% faster on one thread than on two), else all cores in sync mode and half of
-    them in async mode (two threads work at once)."""
+    the main job's step is 13% shorter on one thread than on two), else all cores in sync mode and
+    half of them in async mode (two threads work at once)."""
     micro_batch_tokens: int = Field(16384, ge=16)
     """Padded tokens per forward/backward; bigger batches are split and gradients accumulated."""
     gen_batch_window_ms: float = Field(5.0, ge=0)
