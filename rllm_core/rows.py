@@ -44,6 +44,8 @@ from rllm_core.types import Step, TerminationReason, TrajectoryGroup
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
+    from rllm_core.config import OptimConfig
+
 __all__ = ["AGG_MODES", "ROW_BREAK_KEY", "RowView", "TokenRows", "build_rows", "mini_batches"]
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -177,6 +179,12 @@ class TokenRows:
                     flat.extend([float(v)] * n)
             out[self.loss_mask] = np.asarray(flat, dtype=np.float64)
         self.advantages = out
+
+    def mini_batches(self, step: int, seed: int, optim: OptimConfig) -> list[list[int]]:
+        """The row indices of each optimiser step of training step ``step`` under ``optim``
+        (``mini_batch_size``, ``epochs``, ``shuffle``): :func:`mini_batches` on these rows."""
+        groups = self.group_index if optim.shuffle == "groups" else None
+        return mini_batches(len(self), step, seed, optim.mini_batch_size, optim.epochs, groups)
 
     def loss_weights(
         self, agg_mode: str, loss_scale_factor: float | None = None, rows: Sequence[int] | None = None

@@ -54,3 +54,26 @@ def test_the_group_shuffle_depends_on_the_seed_and_the_step():
     a = mini_batches(30, step=1, seed=0, mini_batch_size=6, epochs=1, groups=groups)
     assert a == mini_batches(30, step=1, seed=0, mini_batch_size=6, epochs=1, groups=groups)
     assert a != mini_batches(30, step=2, seed=0, mini_batch_size=6, epochs=1, groups=groups)
+
+
+def test_token_rows_split_by_the_optim_config():
+    from rllm_core.config import OptimConfig
+    from rllm_core.rows import build_rows
+    from rllm_core.types import Step, Trajectory, TrajectoryGroup
+
+    groups = [
+        TrajectoryGroup(
+            task_id=f"t{g}",
+            role="solver",
+            trajectories=[Trajectory(steps=[Step(prompt_ids=[1], response_ids=[2])]) for _ in range(3)],
+        )
+        for g in range(4)
+    ]
+    rows = build_rows(groups)
+    for shuffle in ("rows", "groups"):
+        optim = OptimConfig(mini_batch_size=6, epochs=2, shuffle=shuffle)
+        expected = mini_batches(12, 5, 7, 6, 2, rows.group_index if shuffle == "groups" else None)
+        assert rows.mini_batches(step=5, seed=7, optim=optim) == expected
+    assert rows.mini_batches(5, 7, OptimConfig(mini_batch_size=6, shuffle="rows")) != rows.mini_batches(
+        5, 7, OptimConfig(mini_batch_size=6, shuffle="groups")
+    )

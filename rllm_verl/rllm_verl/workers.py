@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rllm_core.config import AlgorithmConfig, LossConfig
-from rllm_core.rows import mini_batches
 from rllm_verl import compat
 from rllm_verl.config import VerlConfig, actor_config, compose_verl_config
 from rllm_verl.dataproto import response_values_to_rows, rows_to_dataproto
@@ -255,10 +254,8 @@ class VerlWorkers:
         start = time.perf_counter()
         old = self._old(rows, old_logprobs)
         ref = self._ref(rows, ref_logprobs)
-        optim = self.algorithm.optim
         sums: dict[str, list[float]] = {}
-        groups = rows.group_index if optim.shuffle == "groups" else None
-        parts = mini_batches(len(rows), step, self.cfg.seed, optim.mini_batch_size, optim.epochs, groups)
+        parts = rows.mini_batches(step, self.cfg.seed, self.algorithm.optim)
         for part in parts:
             proto, td = self._batch(rows, part, old, ref, is_weights)
             tu.assign_non_tensor(

@@ -40,7 +40,6 @@ import torch
 
 from rllm_core.config import ConfigError, RLLMConfig
 from rllm_core.protocol import Backend, TrainerState
-from rllm_core.rows import mini_batches
 from rllm_torch.config import TorchBackendConfig
 from rllm_torch.engine import SamplerRuntime, TorchRolloutEngine, _copy_weights
 from rllm_torch.losses import LOSSES, kl_penalty, policy_loss
@@ -310,9 +309,7 @@ class TorchBackend(Backend):
         with self._train_lock, self.runtime.lock if not self.separate_sampler else _NULL_LOCK:
             self.policy.train()
             lr = self.scheduler.get_last_lr()[0]
-            optim = self.config.algorithm.optim
-            groups = rows.group_index if optim.shuffle == "groups" else None
-            for part in mini_batches(len(batch), step, self.seed, optim.mini_batch_size, optim.epochs, groups):
+            for part in rows.mini_batches(step, self.seed, self.config.algorithm.optim):
                 weights = rows.loss_weights(loss_cfg.agg_mode, factor, rows=part)
                 batch.weights = [weights[cuts[r] : offsets[r + 1]].astype(np.float32) for r in range(len(batch))]
                 n, f, fr, t, norm = self._optimizer_step(batch, part, sums)
