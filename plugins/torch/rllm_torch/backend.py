@@ -22,7 +22,6 @@ directory from a checkpoint alone.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import copy
 import gc
 import json
@@ -41,7 +40,7 @@ import torch
 from rllm_core.config import ConfigError, RLLMConfig
 from rllm_core.protocol import Backend, TrainerState
 from rllm_torch.config import TorchBackendConfig
-from rllm_torch.engine import SamplerRuntime, TorchRolloutEngine, _copy_weights
+from rllm_torch.engine import SamplerRuntime, TorchRolloutEngine, _copy_weights, torch_threads_executor
 from rllm_torch.losses import LOSSES, kl_penalty, policy_loss
 from rllm_torch.model import load_model_and_tokenizer, rebuild_from_checkpoint, write_meta
 from rllm_torch.sampling import response_logits, score, token_logprobs
@@ -120,7 +119,7 @@ class TorchBackend(Backend):
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.updates = 0
-        self._train_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rllm-torch-train")
+        self._train_executor = torch_threads_executor("rllm-torch-train")
         self._train_lock = threading.Lock()
         if cfg.gc_freeze:
             # torch + transformers leave ~10^6 long-lived objects behind; every full collection

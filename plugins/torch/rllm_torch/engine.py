@@ -39,11 +39,22 @@ from rllm_core.parsers import Parser
 from rllm_core.types import ModelOutput, TokenInput
 from rllm_torch.sampling import GenParams, GenResult, generate, score
 
-__all__ = ["BaseSamplerRuntime", "SamplerRuntime", "TorchRolloutEngine", "eos_ids_of"]
+__all__ = ["BaseSamplerRuntime", "SamplerRuntime", "TorchRolloutEngine", "eos_ids_of", "torch_threads_executor"]
 
 _SAMPLING_KEYS = {"max_tokens", "max_new_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids"}
 # Accepted and ignored: OpenAI-style knobs that have no meaning for a local sampler.
 _IGNORED_KEYS = {"n", "logprobs", "seed", "model", "frequency_penalty", "presence_penalty"}
+
+
+def torch_threads_executor(name: str) -> concurrent.futures.ThreadPoolExecutor:
+    """A one-thread executor whose thread uses ``torch.get_num_threads()`` CPU threads, as set now.
+
+    ``torch.set_num_threads`` sets the OpenMP thread count of the calling thread only: a thread
+    started later runs its OpenMP/MKL kernels on every core whatever was set, and
+    ``torch.get_num_threads()`` there still reports the setting."""
+    return concurrent.futures.ThreadPoolExecutor(
+        1, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)
+    )
 
 
 def eos_ids_of(tokenizer: Any, generation_config: Any = None) -> set[int]:
@@ -73,8 +84,8 @@ class BaseSamplerRuntime:
         self.max_new_tokens = max_new_tokens
         self.pad_id = tokenizer.pad_token_id
         self.eos_ids = set(eos_ids)
-        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rllm-sampler")
-        self.text_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rllm-sampler-text")
+        self.executor = torch_threads_executor("rllm-sampler")
+        self.text_executor = torch_threads_executor("rllm-sampler-text")
         """Chat templates, tokenisation and decoding, off the event loop and off the sampler thread."""
         self.lock = threading.Lock()
         """Held while the sampler's weights are read (generation, scoring) or replaced."""

@@ -214,6 +214,26 @@ def test_prompt_sharing_and_zero_advantage_skipping_give_the_same_update():
         torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-4)
 
 
+def test_the_thread_count_holds_in_the_sampler_and_trainer_threads():
+    """torch.set_num_threads binds only the calling thread's OpenMP team: the backend's own threads
+    must get the setting too, or their kernels run on every core whatever was configured."""
+    import ctypes
+    import os
+
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    maps = [line.split()[-1] for line in open("/proc/self/maps")]
+    gomp = next((path for path in maps if "libgomp" in path and path.startswith(torch_lib)), None)
+    if gomp is None or (os.cpu_count() or 1) < 2:
+        pytest.skip("needs torch's GNU OpenMP and two cores to tell one thread from several")
+    omp_threads = ctypes.CDLL(gomp).omp_get_max_threads
+    b = backend(**{"torch.num_threads": 1})
+    try:
+        for executor in (b.runtime.executor, b._train_executor):
+            assert executor.submit(omp_threads).result() == 1
+    finally:
+        asyncio.run(b.shutdown())
+
+
 def test_a_small_model_gets_one_cpu_thread_unless_configured(monkeypatch):
     import os
 
