@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import itertools
 import json
 import threading
 from collections.abc import Mapping, Sequence
@@ -200,6 +201,8 @@ class _Conversation:
 
 @dataclass
 class _Request:
+    seq: int
+    """Order of the call: a batch runs its rows in this order, whatever order encodings came back in."""
     prompt_ids: list[int]
     params: GenParams
     future: asyncio.Future
@@ -235,6 +238,7 @@ class TorchRolloutEngine(RolloutEngine):
         self._eot_texts = sorted(set(self._eos_text.values()))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[_Request] = []
+        self._seq = itertools.count()
         self._wakeup: asyncio.Event | None = None
         self._dispatcher: asyncio.Task | None = None
 
@@ -291,6 +295,7 @@ class TorchRolloutEngine(RolloutEngine):
     async def _generate(
         self, messages: list[Mapping[str, Any]], tools: list[dict[str, Any]] | None = None, **sampling: Any
     ) -> ModelOutput:
+        seq = next(self._seq)  # before the first await: the callers' order
         conversation = _Conversation(messages, tools) if self.turns.max_size > 0 else None
         if conversation is not None and last_reply(messages) >= 0:
             loop = asyncio.get_running_loop()
@@ -298,7 +303,7 @@ class TorchRolloutEngine(RolloutEngine):
             self.count(event)
         else:
             prompt_ids = await self.encode_messages(messages, tools=tools)
-        return await self._submit(prompt_ids, sampling, conversation)
+        return await self._submit(seq, prompt_ids, sampling, conversation)
 
     def _continue(self, messages: list[Mapping[str, Any]], tools: Any) -> tuple[list[int], str]:
         """The prompt of a request that holds an assistant reply: continued from the sampled turn when
@@ -317,10 +322,14 @@ class TorchRolloutEngine(RolloutEngine):
         ids = token_input.prompt_ids
         if not all(isinstance(t, int) for t in ids):
             raise TypeError("torch engine: TokenInput.prompt_ids must be a list of ints")
-        return await self._submit(list(ids), sampling)
+        return await self._submit(next(self._seq), list(ids), sampling)
 
     async def _submit(
-        self, prompt_ids: list[int], sampling: Mapping[str, Any], conversation: _Conversation | None = None
+        self,
+        seq: int,
+        prompt_ids: list[int],
+        sampling: Mapping[str, Any],
+        conversation: _Conversation | None = None,
     ) -> ModelOutput:
         if not prompt_ids:
             raise ValueError("torch engine: empty prompt")
@@ -329,7 +338,7 @@ class TorchRolloutEngine(RolloutEngine):
         if self._loop is not loop:  # a new event loop (e.g. a second asyncio.run): start over
             self._loop, self._pending, self._dispatcher = loop, [], None
             self._wakeup = asyncio.Event()
-        req = _Request(prompt_ids, params, loop.create_future(), conversation)
+        req = _Request(seq, prompt_ids, params, loop.create_future(), conversation)
         self._pending.append(req)
         assert self._wakeup is not None
         self._wakeup.set()
@@ -386,6 +395,9 @@ class TorchRolloutEngine(RolloutEngine):
                 continue
             if len(self._pending) < self.max_batch and self.window_s > 0:
                 await asyncio.sleep(self.window_s)
+            # Rows in call order, not in the order their encodings came back from the text thread:
+            # which random numbers a row draws must not depend on the machine's load.
+            self._pending.sort(key=lambda r: r.seq)
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             batch = [r for r in batch if not r.future.cancelled()]
             if not batch:

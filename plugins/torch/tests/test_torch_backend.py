@@ -104,7 +104,9 @@ def test_async_sampler_keeps_old_weights_until_policy_update():
 
 def test_checkpoint_resume_gives_the_same_next_step(tmp_path):
     outs_by_step = {}
-    a = backend()
+    # One sampler batch per call, however loaded the machine: the random stream depends on batching
+    same_batches = {"torch.gen_batch_window_ms": 500, "torch.gen_max_batch": 16}
+    a = backend(**same_batches)
     for step in range(3):
         outs_by_step[step] = _sample(a)
         if step == 1:
@@ -113,7 +115,7 @@ def test_checkpoint_resume_gives_the_same_next_step(tmp_path):
         m_a = _train(a, groups_from_outputs(outs_by_step[step], [float(i % 3 == 0) for i in range(16)]), step + 1)
         if step == 1:
             loss_a, params_step2 = m_a.metrics["actor/loss"], _params(a)
-    b = backend(**{"torch.seed": 123})  # different init: everything must come from the checkpoint
+    b = backend(**{"torch.seed": 123}, **same_batches)  # different init: everything must come from the checkpoint
     b.load_checkpoint(tmp_path / "ckpt")
     assert b.rollout_engine.weight_version == 1 and b.updates == 1
     torch.testing.assert_close(torch.get_rng_state(), rng_after_save)

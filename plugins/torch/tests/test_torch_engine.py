@@ -165,3 +165,30 @@ def test_chat_template_and_decode_run_off_the_event_loop_and_prompts_stay_cached
     assert {name for name, _ in calls} == {"apply_chat_template", "decode"}
     assert all(thread is not loop_thread for _, thread in calls)
     assert [name for name, _ in calls].count("apply_chat_template") == 1  # the other 8 prompts were cache hits
+
+
+def test_a_batch_runs_its_rows_in_call_order_whatever_order_the_prompts_were_encoded_in(monkeypatch):
+    """Which random numbers a row draws must not depend on which encoding came back first."""
+    prompts = [[{"role": "user", "content": f"{a}+{a}="}] for a in range(6)]
+
+    def sample(delay_first: bool):
+        b = backend(**{"torch.gen_batch_window_ms": 300})
+        engine = b.rollout_engine
+        encode = engine.encode_messages
+
+        async def slow_first(messages, *args, **kwargs):
+            if delay_first and messages == prompts[0]:
+                await asyncio.sleep(0.1)  # the first call's prompt arrives last
+            return await encode(messages, *args, **kwargs)
+
+        monkeypatch.setattr(engine, "encode_messages", slow_first)
+
+        async def run():
+            return await asyncio.gather(*[engine.get_model_response(p, max_tokens=3) for p in prompts])
+
+        outs = asyncio.run(run())
+        assert b.runtime.batch_sizes == [len(prompts)]
+        asyncio.run(b.shutdown())
+        return [o.completion_ids for o in outs]
+
+    assert sample(delay_first=True) == sample(delay_first=False)
