@@ -153,6 +153,12 @@ class LossConfig(_Section):
     ``k2 = d^2 / 2``, ``k3 = exp(-d) + d - 1`` (non-negative, low variance)."""
     kl_clamp: float | None = Field(10.0, gt=0)
     """The per-token KL estimate is clamped to ``[-kl_clamp, kl_clamp]`` (verl's low-var-KL bound)."""
+    forward_kl_coef: float = Field(0.0, ge=0)
+    """Weight of the exact forward KL(reference || policy) over the whole vocabulary at each action
+    token (0: off). Mass-covering where ``kl_estimator``'s reverse KL is mode-seeking: a token the
+    reference gives probability keeps some, so an answer the policy has not found yet stays
+    reachable instead of collapsing to another prompt's answer (benchmarks/learning measures it).
+    Needs the reference's full distribution: backends that see only sampled tokens reject it."""
     old_logprobs: Literal["sampler", "recompute"] = "sampler"
     """What the importance ratio divides by. ``sampler``: the logprobs recorded when sampling, so the
     ratio corrects both staleness (async) and any sampler/trainer mismatch. ``recompute``: the trainer
@@ -165,6 +171,11 @@ class LossConfig(_Section):
     None: no correction (async mode then warns)."""
     loss_fn_config: dict[str, Any] = Field(default_factory=dict)
     """Backend-specific settings of the named loss, passed as they are (e.g. Tinker's ``dro``: ``{beta: 0.05}``)."""
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether a KL term needs a reference model (``kl_coef`` or ``forward_kl_coef`` above 0)."""
+        return self.kl_coef > 0 or self.forward_kl_coef > 0
 
 
 class OptimConfig(_Section):

@@ -128,6 +128,11 @@ class TinkerBackend(Backend):
         ]:
             if loss.name not in TINKER_LOSSES:
                 raise ConfigError(f"{where}.name: Tinker's losses are {', '.join(TINKER_LOSSES)}; got {loss.name!r}")
+            if loss.forward_kl_coef > 0:
+                raise ConfigError(
+                    f"{where}.forward_kl_coef: needs the reference's full distribution at each token; "
+                    "Tinker's samplers return the sampled tokens' logprobs only (use kl_coef)"
+                )
             if loss.old_logprobs != "sampler":
                 raise ConfigError(
                     f"{where}.old_logprobs: Tinker's losses divide by the sampling logprobs (old_logprobs: sampler)"

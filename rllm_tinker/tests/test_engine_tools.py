@@ -411,6 +411,16 @@ def test_the_core_tool_parser_setting_is_reported_as_unused():
     assert any("rollout.tool_parser: not used by the tinker backend" in str(w.message) for w in caught)
 
 
+def test_a_forward_kl_is_refused_by_name():
+    from rllm_tinker.backend import TinkerBackend
+
+    from rllm_core.config import ConfigError, RLLMConfig
+
+    cfg = RLLMConfig.model_validate({"backend": "tinker", "algorithm": {"loss": {"forward_kl_coef": 0.05}}})
+    with pytest.raises(ConfigError, match=r"algorithm\.loss\.forward_kl_coef"):
+        TinkerBackend(cfg).validate_config(cfg)
+
+
 @pytest.mark.parametrize(
     ("renderer_name", "continued", "rerender_extends"),
     [

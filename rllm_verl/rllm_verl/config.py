@@ -177,6 +177,8 @@ def actor_loss_settings(loss: LossConfig, loss_scale_factor: float | None = None
                 f"at {clamp}: set algorithm.loss.kl_clamp: {'null' if clamp is None else clamp})"
             )
         kl = {"use_kl_loss": True, "kl_loss_coef": loss.kl_coef, "kl_loss_type": VERL_KL_TYPES[loss.kl_estimator]}
+    if loss.forward_kl_coef > 0:
+        unsupported.append("forward_kl_coef (verl's KL loss sees sampled tokens only)")
     if loss.max_log_ratio != VERL_LOG_RATIO_CLAMP:
         unsupported.append(f"max_log_ratio != {VERL_LOG_RATIO_CLAMP:g} (verl clamps the log-ratio at 20)")
     if loss.loss_fn_config:

@@ -65,6 +65,7 @@ def test_a_key_verl_does_not_have_is_an_error(tmp_path):
         ({"kl_coef": 0.1, "kl_estimator": "k1"}, "kl_clamp"),
         ({"kl_coef": 0.1, "kl_clamp": 5.0}, "kl_clamp"),
         ({"max_log_ratio": 10.0}, "max_log_ratio"),
+        ({"forward_kl_coef": 0.05}, "forward_kl_coef"),
         ({"name": "dro"}, "algorithm.loss.name"),
     ],
 )

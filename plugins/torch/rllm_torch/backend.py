@@ -107,7 +107,7 @@ class TorchBackend(Backend):
         self.runtime = SamplerRuntime(
             sampler_model, self.tokenizer, seed=self.seed + 1, max_new_tokens=cfg.max_new_tokens
         )
-        if config.algorithm.loss.kl_coef > 0:
+        if config.algorithm.loss.uses_reference:
             self.runtime.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
 
         optim = config.algorithm.optim
@@ -350,10 +350,11 @@ class TorchBackend(Backend):
         temperature = self.temperature
         tis = loss_cfg.tis_cap if loss_cfg.old_logprobs == "recompute" else None
         kl_on = loss_cfg.kl_coef > 0 and batch.ref_logprobs is not None
+        forward_on = loss_cfg.forward_kl_coef > 0 and self.runtime.reference is not None
         rows = [i for i in part if batch.masks[i].any()]
         # A row whose every advantage is 0 adds exactly 0 to the gradient of both losses; it only
         # matters through the entropy bonus or the KL term. Its weight stays in the aggregation.
-        if self.cfg.skip_zero_advantage and self.cfg.entropy_coef == 0 and not kl_on:
+        if self.cfg.skip_zero_advantage and self.cfg.entropy_coef == 0 and not (kl_on or forward_on):
             rows = [i for i in rows if batch.advantages[i].any()]
         self.optimizer.zero_grad(set_to_none=True)
         n_tokens = fed = fed_real = 0
@@ -395,14 +396,17 @@ class TorchBackend(Backend):
                 kl = kl_penalty(logp, flat(batch.ref_logprobs)[on], loss_cfg.kl_estimator, loss_cfg.kl_clamp)
                 loss_t = loss_t + loss_cfg.kl_coef * kl
                 stats["kl"] = kl.detach()
+            grad_logsm = self.cfg.entropy_coef > 0 or forward_on
+            with torch.set_grad_enabled(grad_logsm):
+                logsm = torch.log_softmax((sel if grad_logsm else sel.detach()).float(), dim=-1)
+            if forward_on:
+                ref_logsm = self._reference_log_softmax(idx, batch, on)
+                forward_kl = (ref_logsm.exp() * (ref_logsm - logsm)).sum(-1)
+                loss_t = loss_t + loss_cfg.forward_kl_coef * forward_kl
+                stats["forward_kl"] = forward_kl.detach()
+            entropy = -(logsm.exp() * logsm).sum(-1)
             if self.cfg.entropy_coef > 0:
-                logsm = torch.log_softmax(sel.float(), dim=-1)
-                entropy = -(logsm.exp() * logsm).sum(-1)
                 loss_t = loss_t - self.cfg.entropy_coef * entropy
-            else:
-                with torch.no_grad():
-                    logsm = torch.log_softmax(sel.detach().float(), dim=-1)
-                    entropy = -(logsm.exp() * logsm).sum(-1)
             (loss_t * w).sum().backward()
             with torch.no_grad():
                 stats["entropy"] = entropy.detach()
@@ -420,6 +424,20 @@ class TorchBackend(Backend):
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
         self.optimizer.step()
         return n_tokens, fed, fed_real, len(rows), float(grad_norm)
+
+    def _reference_log_softmax(self, idx: list[int], batch: TrainBatch, on: torch.Tensor) -> torch.Tensor:
+        """The reference's tempered log-softmax at the action tokens of rows ``idx`` (``forward_kl_coef``).
+
+        Computed here, one micro-batch at a time, rather than stored: a full distribution per token
+        is vocabulary-sized. The training step holds ``_train_lock``, which ``refresh_reference`` needs."""
+        with torch.no_grad(), self.runtime.lock if self.separate_sampler else _NULL_LOCK:
+            sel, _ = response_logits(
+                self.runtime.reference,
+                [(batch.prompts[i], batch.responses[i]) for i in idx],
+                pad_id=self._pad,
+                share_prompts=self._share_prompts,
+            )
+            return torch.log_softmax(sel[on].float() / self.temperature, dim=-1)
 
     async def on_policy_updated(self, state: TrainerState, version: int) -> None:
         if self.separate_sampler:

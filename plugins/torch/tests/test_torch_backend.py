@@ -198,6 +198,37 @@ def test_entropy_bonus_raises_entropy_without_advantages():
     assert last > first
 
 
+def _forward_kl(b, groups) -> float:
+    """KL(reference || policy) per action token, by plain full forwards of both models."""
+    total = n = 0.0
+    with torch.no_grad():
+        for s in (s for g in groups for t in g.trajectories for s in t.steps):
+            ids = torch.tensor([list(s.prompt_ids) + list(s.response_ids)])
+            cut = len(s.prompt_ids) - 1
+            ref = torch.log_softmax(b.runtime.reference(ids).logits[0, cut:-1].float(), -1)
+            pol = torch.log_softmax(b.policy(ids).logits[0, cut:-1].float(), -1)
+            total += float((ref.exp() * (ref - pol)).sum())
+            n += len(s.response_ids)
+    return total / n
+
+
+def test_forward_kl_is_the_exact_divergence_and_pulls_the_policy_back():
+    b = backend(**{"algorithm.loss.forward_kl_coef": 1.0})
+    assert b.runtime.reference is not None  # the forward KL alone needs a reference
+    torch.manual_seed(0)
+    with torch.no_grad():  # the policy drifts away from the reference
+        for p in b.policy.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    groups = groups_from_outputs(_sample(b, n=8), [0.0] * 8)  # no advantage: only the KL term acts
+    before = _forward_kl(b, groups)
+    assert before > 0.05
+    m = _train(b, groups).metrics
+    assert m["actor/forward_kl"] == pytest.approx(before, rel=1e-4)  # the term is the exact divergence
+    for _ in range(5):
+        _train(b, groups)
+    assert _forward_kl(b, groups) < 0.5 * before
+
+
 def test_prompt_sharing_and_zero_advantage_skipping_give_the_same_update():
     """Both shortcuts are exact: the same parameters after a step as the plain full-sequence pass."""
     plain = backend(**{"torch.share_prompt_prefix": "false", "torch.skip_zero_advantage": "false"})

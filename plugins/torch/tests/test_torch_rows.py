@@ -92,6 +92,7 @@ def test_masked_trajectories_add_nothing_to_loss_denominators_kl_or_entropy():
         **NO_CLIP,
         "algorithm.loss.agg_mode": "seq-mean-token-mean",
         "algorithm.loss.kl_coef": 0.5,
+        "algorithm.loss.forward_kl_coef": 0.5,
         "torch.entropy_coef": 0.05,
     }
     a, b = backend(**settings), backend(**settings)
