@@ -8,7 +8,7 @@ locally made tokenizer and chat template, the same 100 ``a+b=`` prompts and the 
 (the sum's digits, zero-padded to ``reward.args.width``, then end-of-turn), with the same group
 size and completion budget, each in its own subprocess. rllm runs the config as it is
 (``--config``, default the multi-token example); TRL's ``GRPOTrainer`` runs its own recipe
-(``--trl-*``: batch shape, lr; ``loss_type=dapo``, token-level, its default).
+(``--trl-*``: batch shape, lr, sampling temperature; ``loss_type=dapo``, token-level, its default).
 
 Each run stops when the 10-step mean train reward reaches ``--target`` or after ``--budget-s``
 seconds of training. Per seed it prints steps and seconds to the target (or the best 10-step mean
@@ -173,7 +173,7 @@ def run_trl(args: argparse.Namespace) -> dict:
         gradient_accumulation_steps=1,
         num_generations=config.rollout.n,
         max_completion_length=max_tokens,
-        temperature=float(config.rollout.train_sampling.get("temperature", 1.0)),
+        temperature=args.trl_temperature,
         beta=0.0,
         max_steps=100000,
         logging_steps=1000000,
@@ -220,6 +220,13 @@ def main() -> None:
     )
     p.add_argument("--trl-lr", type=float, default=1e-4, help="TRL's learning rate (its tuned recipe: 1e-4)")
     p.add_argument("--trl-prompts", type=int, default=8, help="TRL's prompts per step (its tuned recipe: 8)")
+    p.add_argument(
+        "--trl-temperature",
+        type=float,
+        default=1.0,
+        help="TRL's sampling temperature (its tuned recipe: 1.0, whatever rllm's config samples at)",
+    )
+    p.add_argument("--trl-seeds", type=int, nargs="+", default=None, help="TRL's seeds (default: --seeds)")
     p.add_argument("--impl", choices=["rllm", "trl", "both"], default="both")
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -235,7 +242,7 @@ def main() -> None:
     print(f"{'impl':6} {'seed':>4} {'step@':>6} {'s@':>8} {'best10':>7} {'steps':>6} {'tok/s':>9} {'peak MB':>8}")
     results: dict[str, list[dict]] = {impl: [] for impl in impls}
     for impl in impls:
-        for seed in args.seeds:
+        for seed in args.trl_seeds if impl == "trl" and args.trl_seeds is not None else args.seeds:
             cmd = [sys.executable, __file__, "--child", "--impl", impl, "--seed", str(seed), "--config", args.config]
             cmd += [
                 "--target",
@@ -247,6 +254,7 @@ def main() -> None:
             ]
             cmd += ["--threads", str(args.threads)] if args.threads else []
             cmd += ["--trl-lr", str(args.trl_lr), "--trl-prompts", str(args.trl_prompts), "--out", args.out]
+            cmd += ["--trl-temperature", str(args.trl_temperature)]
             cmd += [f"--rllm-override={o}" for o in args.rllm_override]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
