@@ -214,6 +214,8 @@ class VLLMHttpRollout:
             "include_stop_str_in_output": False,
             "n": 1,
         }
+        if p.seed is not None:
+            body["seed"] = p.seed  # vLLM samples a seeded request from its own generator
         for failure in itertools.count():
             url = self._pick()
             self.in_flight[url] += 1

@@ -226,6 +226,19 @@ def test_stop_token_ids_and_stop_strings_end_completions(served):
     assert (budget.completion_ids, budget.finish_reason) == (ids[:2], "length")
 
 
+def test_a_request_seed_reaches_vllm(served):
+    from rllm_torch.sampling import GenParams
+
+    server, _, _ = served
+    prompt = [3, 6, 7, 8]
+    seeded = [GenParams(max_tokens=12, seed=s) for s in (7, 7, 8, 9, 10)]
+    with VLLMHttpRollout([server.base_url]) as rollout:
+        results = rollout.generate([prompt] * len(seeded), seeded)
+    ids = [r.completion_ids for r in results]
+    assert ids[0] == ids[1]  # the same seed, the same completion
+    assert len({tuple(i) for i in ids[1:]}) > 1
+
+
 def test_requests_spread_over_servers_by_least_in_flight(served):
     from rllm_torch.sampling import GenParams
 

@@ -462,9 +462,10 @@ class TorchBackend(Backend):
         path.mkdir(parents=True, exist_ok=True)
         with self._train_lock:
             # With its own copy of the weights the sampler keeps generating while this writes; it
-            # is held only for the moment its generator state and version are read.
+            # is held only for the moment its random state and version are read.
             with self.runtime.lock:
                 rng, version = _rng_state(self.runtime.generator), self.runtime.version
+                rng["sampler_seed"], rng["sampler_calls"] = self.runtime.seed, self.runtime.calls
             with self.runtime.lock if not self.separate_sampler else _NULL_LOCK:
                 save_model(self.policy, str(path / "model.safetensors"))
             # The reference changes only in refresh_reference, which runs inside a training step, and
@@ -500,7 +501,10 @@ class TorchBackend(Backend):
             self.scheduler.load_state_dict(state["scheduler"])
             self.updates = state["updates"]
             self.runtime.version = state["version"]
-            _set_rng_state(torch.load(path / "rng.pt", weights_only=False), self.runtime.generator)
+            rng = torch.load(path / "rng.pt", weights_only=False)
+            _set_rng_state(rng, self.runtime.generator)
+            self.runtime.seed = int(rng.get("sampler_seed", self.runtime.seed))
+            self.runtime.calls = int(rng.get("sampler_calls", 0))
         if self.rollout_engine is not None:
             self.rollout_engine.set_weight_version(self.runtime.version)
 

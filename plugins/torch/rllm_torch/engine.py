@@ -38,13 +38,13 @@ from rllm_core.engine import PromptCache, RolloutEngine
 from rllm_core.multiturn import Sampled, TurnCache, bridge, last_reply, template_messages
 from rllm_core.parsers import Parser
 from rllm_core.types import ModelOutput, TokenInput
-from rllm_torch.sampling import GenParams, GenResult, generate, score
+from rllm_torch.sampling import GenParams, GenResult, generate, mix_seed, score
 
 __all__ = ["BaseSamplerRuntime", "SamplerRuntime", "TorchRolloutEngine", "eos_ids_of", "torch_threads_executor"]
 
-_SAMPLING_KEYS = {"max_tokens", "max_new_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids"}
+_SAMPLING_KEYS = {"max_tokens", "max_new_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids", "seed"}
 # Accepted and ignored: OpenAI-style knobs that have no meaning for a local sampler.
-_IGNORED_KEYS = {"n", "logprobs", "seed", "model", "frequency_penalty", "presence_penalty"}
+_IGNORED_KEYS = {"n", "logprobs", "model", "frequency_penalty", "presence_penalty"}
 
 
 def torch_threads_executor(name: str) -> concurrent.futures.ThreadPoolExecutor:
@@ -78,8 +78,16 @@ class BaseSamplerRuntime:
     lives elsewhere (another process, a server) implements them as calls to it and reuses
     :class:`TorchRolloutEngine` as its engine."""
 
-    def __init__(self, tokenizer: Any, *, eos_ids: set[int], max_new_tokens: int) -> None:
+    seeds_each_call = False
+    """Whether the engine gives every request without a ``seed`` one of :meth:`call_seed` (the
+    sampler honours per-row seeds), so what a call samples depends on the run's seed and the
+    call's place in call order, never on how requests were batched."""
+
+    def __init__(self, tokenizer: Any, *, eos_ids: set[int], max_new_tokens: int, seed: int = 0) -> None:
         self.tokenizer = tokenizer
+        self.seed = seed
+        self.calls = 0
+        """Requests seeded by :meth:`call_seed` so far (checkpointed with the weights)."""
         self.reference: Any = None
         self.version = 0
         self.max_new_tokens = max_new_tokens
@@ -93,6 +101,11 @@ class BaseSamplerRuntime:
         self.batches = 0
         self.batch_sizes: list[int] = []
         self._encode_cache = PromptCache()
+
+    def call_seed(self) -> int:
+        """The seed of the next request (the ``calls``-th of this runtime's seed)."""
+        self.calls += 1
+        return mix_seed(self.seed, self.calls - 1)
 
     @staticmethod
     def _cache_key(
@@ -150,9 +163,11 @@ class BaseSamplerRuntime:
 class SamplerRuntime(BaseSamplerRuntime):
     """The sampler's model (in this process), tokenizer, reference model and worker thread (owned by the backend)."""
 
+    seeds_each_call = True
+
     def __init__(self, model: Any, tokenizer: Any, *, seed: int, max_new_tokens: int) -> None:
         eos_ids = eos_ids_of(tokenizer, getattr(model, "generation_config", None))
-        super().__init__(tokenizer, eos_ids=eos_ids, max_new_tokens=max_new_tokens)
+        super().__init__(tokenizer, eos_ids=eos_ids, max_new_tokens=max_new_tokens, seed=seed)
         self.model = model
         device = next(model.parameters()).device
         self.generator = torch.Generator(device=device)
@@ -279,7 +294,14 @@ class TorchRolloutEngine(RolloutEngine):
             top_k=int(sampling.get("top_k", 0) or 0),
             stop=list(stop),
             stop_token_ids=list(sampling.get("stop_token_ids") or []),
+            seed=None if sampling.get("seed") is None else int(sampling["seed"]),
         )
+
+    def _call_seed(self, sampling: Mapping[str, Any]) -> int | None:
+        """A seed for a request that brings none (taken in call order: before the first await)."""
+        if sampling.get("seed") is not None or not self.runtime.seeds_each_call:
+            return None
+        return self.runtime.call_seed()
 
     async def encode_messages(
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, *, tools: Any = None
@@ -295,7 +317,7 @@ class TorchRolloutEngine(RolloutEngine):
     async def _generate(
         self, messages: list[Mapping[str, Any]], tools: list[dict[str, Any]] | None = None, **sampling: Any
     ) -> ModelOutput:
-        seq = next(self._seq)  # before the first await: the callers' order
+        seq, seed = next(self._seq), self._call_seed(sampling)  # before the first await: the callers' order
         conversation = _Conversation(messages, tools) if self.turns.max_size > 0 else None
         if conversation is not None and last_reply(messages) >= 0:
             loop = asyncio.get_running_loop()
@@ -303,7 +325,7 @@ class TorchRolloutEngine(RolloutEngine):
             self.count(event)
         else:
             prompt_ids = await self.encode_messages(messages, tools=tools)
-        return await self._submit(seq, prompt_ids, sampling, conversation)
+        return await self._submit(seq, seed, prompt_ids, sampling, conversation)
 
     def _continue(self, messages: list[Mapping[str, Any]], tools: Any) -> tuple[list[int], str]:
         """The prompt of a request that holds an assistant reply: continued from the sampled turn when
@@ -322,11 +344,12 @@ class TorchRolloutEngine(RolloutEngine):
         ids = token_input.prompt_ids
         if not all(isinstance(t, int) for t in ids):
             raise TypeError("torch engine: TokenInput.prompt_ids must be a list of ints")
-        return await self._submit(next(self._seq), list(ids), sampling)
+        return await self._submit(next(self._seq), self._call_seed(sampling), list(ids), sampling)
 
     async def _submit(
         self,
         seq: int,
+        seed: int | None,
         prompt_ids: list[int],
         sampling: Mapping[str, Any],
         conversation: _Conversation | None = None,
@@ -334,6 +357,8 @@ class TorchRolloutEngine(RolloutEngine):
         if not prompt_ids:
             raise ValueError("torch engine: empty prompt")
         params = self._params(sampling)
+        if seed is not None:
+            params.seed = seed
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # a new event loop (e.g. a second asyncio.run): start over
             self._loop, self._pending, self._dispatcher = loop, [], None

@@ -1,13 +1,20 @@
 """Batched sampling with a KV cache, and teacher-forced scoring, for a transformers causal LM.
 
 ``generate(model, prompts, params)`` left-pads the prompts into one batch, runs the prompt once, then
-one token per step with ``past_key_values``. Each row has its own temperature, top-k, top-p,
+one token per step with ``past_key_values``; rows that finish leave the batch (and the cache), so
+a batch whose answers end early stops paying for them. Each row has its own temperature, top-k, top-p,
 token budget and stop conditions. The logprob returned for a sampled token is its log-probability
 under the *tempered* distribution ``softmax(logits / T)`` (T = 1 for greedy rows), without the
 top-k/top-p truncation: the same quantity :func:`score` and the trainer compute at that
 temperature, so importance ratios start at exactly 1 for on-policy data and the policy gradient is
 that of the distribution that sampled. (Top-k/top-p < full sample from a truncated distribution the
 logprobs do not describe: tokens outside it have probability 0 there, which the ratio cannot see.)
+
+Random numbers are per row, not per batch: a row draws its ``t``-th token by inverting the CDF at a
+uniform that is a hash of its key and ``t`` (SplitMix64), and its key comes from its
+``GenParams.seed`` (or, for a row without one, from ``generator``). A seeded row therefore samples
+the same completion whichever batch it lands in, at whatever position, beside whichever rows: how
+requests happen to be batched (timing, machine load) cannot change what a run samples.
 """
 
 from __future__ import annotations
@@ -15,9 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
-__all__ = ["GenParams", "GenResult", "generate", "response_logits", "score", "token_logprobs"]
+__all__ = ["GenParams", "GenResult", "generate", "mix_seed", "response_logits", "score", "token_logprobs"]
 
 
 @dataclass
@@ -29,6 +37,9 @@ class GenParams:
     """0: no top-k."""
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+    """This row's random numbers come from this seed alone (vLLM's per-request ``seed``): the same
+    seed, prompt and weights give the same completion in any batch. None: a key from ``generator``."""
 
 
 @dataclass
@@ -41,6 +52,57 @@ class GenResult:
     """The stop string that ended generation, if any."""
 
 
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK = (1 << 64) - 1
+
+
+_COMPACT_FRACTION = 8
+"""Finished rows leave the decoding batch once they are at least 1/8 of it."""
+
+
+def mix_seed(*parts: int) -> int:
+    """A 64-bit key from integers (SplitMix64 over each in turn): ``mix_seed(run_seed, i)`` gives
+    well-spread, distinct keys for consecutive ``i``."""
+    z = 0
+    for part in parts:
+        z = (z + (part & _MASK) + _GOLDEN) & _MASK
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+        z ^= z >> 31
+    return z
+
+
+def _uniforms(keys: np.ndarray, step: int) -> np.ndarray:
+    """One float64 uniform in [0, 1) per key for token ``step``: SplitMix64 of ``key + (step + 1) * golden``."""
+    z = keys + np.uint64(((step + 1) * _GOLDEN) & _MASK)  # uint64 arrays wrap, as the hash needs
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _row_keys(params: list[GenParams], generator: torch.Generator | None) -> np.ndarray:
+    """Each row's key: from its seed, else drawn from ``generator`` (one draw per unseeded row)."""
+    keys = np.zeros(len(params), dtype=np.uint64)
+    unseeded = [i for i, p in enumerate(params) if p.seed is None]
+    if unseeded:
+        device = generator.device if generator is not None else "cpu"
+        drawn = torch.randint(-(2**63), 2**63 - 1, (len(unseeded),), generator=generator, device=device)
+        keys[unseeded] = drawn.cpu().numpy().view(np.uint64)
+    for i, p in enumerate(params):
+        if p.seed is not None:
+            keys[i] = mix_seed(p.seed)
+    return keys
+
+
+def _invert_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token where each row's CDF first exceeds ``u`` (float64) of its mass; never a 0-probability one."""
+    cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(u.unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+
+
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[targets], in float32, without materialising a float32 copy twice."""
     logits = logits.float()
@@ -48,8 +110,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _sample(
-    logits: torch.Tensor, temps: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, gen: torch.Generator | None
+    logits: torch.Tensor, temps: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor
 ) -> torch.Tensor:
+    """One token per row: greedy where the temperature is 0, else drawn at uniform ``u`` (float64)."""
     greedy = temps <= 0
     scaled = logits / temps.clamp(min=1e-6).unsqueeze(-1)
     if bool((top_k > 0).any()) or bool((top_p < 1).any()):
@@ -62,10 +125,10 @@ def _sample(
         # keep the smallest prefix whose mass reaches top_p (the first token always survives)
         drop |= (probs.cumsum(-1) - probs) >= top_p.unsqueeze(-1)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        picked = torch.multinomial(torch.softmax(sorted_logits, dim=-1), 1, generator=gen).squeeze(-1)
+        picked = _invert_cdf(torch.softmax(sorted_logits, dim=-1), u)
         sampled = order.gather(-1, picked.unsqueeze(-1)).squeeze(-1)
     else:
-        sampled = torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=gen).squeeze(-1)
+        sampled = _invert_cdf(torch.softmax(scaled, dim=-1), u)
     return torch.where(greedy, logits.argmax(-1), sampled)
 
 
@@ -80,7 +143,9 @@ def generate(
     tokenizer: Any = None,
     generator: torch.Generator | None = None,
 ) -> list[GenResult]:
-    """Sample a completion for each prompt in one batch (see the module docstring)."""
+    """Sample a completion for each prompt in one batch (see the module docstring).
+
+    ``generator`` draws the keys of rows without a ``seed`` (the torch default generator if None)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -104,6 +169,7 @@ def generate(
     stops = [set(p.stop_token_ids) | eos_ids for p in params]
     results = [GenResult([], [], "length") for _ in range(b)]
     done = [budget[i] <= 0 for i in range(b)]
+    keys = _row_keys(params, generator)
     cache = DynamicCache()
     out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
     logits = out.logits[:, -1, :]
@@ -112,19 +178,21 @@ def generate(
         idx = torch.tensor(owner, dtype=torch.long, device=device)
         cache.reorder_cache(idx)
         logits, attn, last_pos = logits.index_select(0, idx), attn.index_select(0, idx), last_pos.index_select(0, idx)
-    for _ in range(max(budget)):
+    rows = list(range(b))  # the result each batch row feeds
+    for step in range(max(budget)):
         if all(done):
             break
-        tokens = _sample(logits.float(), temps, top_k, top_p, generator)
+        u = torch.from_numpy(_uniforms(keys, step)).to(device)
+        tokens = _sample(logits.float(), temps, top_k, top_p, u)
         lps = token_logprobs(logits.float() / scale, tokens).tolist()
         token_list = tokens.tolist()
-        for i in range(b):
+        for pos, i in enumerate(rows):
             if done[i]:
                 continue
             r = results[i]
-            r.completion_ids.append(token_list[i])
-            r.logprobs.append(lps[i])
-            if token_list[i] in stops[i]:
+            r.completion_ids.append(token_list[pos])
+            r.logprobs.append(lps[pos])
+            if token_list[pos] in stops[i]:
                 r.finish_reason, done[i] = "stop", True
             elif params[i].stop and tokenizer is not None:
                 text = tokenizer.decode(r.completion_ids, skip_special_tokens=False)
@@ -135,8 +203,18 @@ def generate(
                 done[i] = True
         if all(done):
             break
-        # Finished rows keep decoding (their tokens are ignored) so the batch stays rectangular.
-        attn = torch.cat([attn, attn.new_ones((b, 1))], dim=1)
+        live = [pos for pos, i in enumerate(rows) if not done[i]]
+        if len(rows) - len(live) >= max(1, len(rows) // _COMPACT_FRACTION):
+            # Drop finished rows from the batch (and their cache) rather than decode tokens nobody
+            # reads; a few stragglers ride along until they are worth the copy. Each row's random
+            # numbers are its own, so what it samples does not change.
+            keep = torch.tensor(live, dtype=torch.long, device=device)
+            cache.reorder_cache(keep)
+            tokens, attn, last_pos, temps, top_k, top_p, scale = (
+                t.index_select(0, keep) for t in (tokens, attn, last_pos, temps, top_k, top_p, scale)
+            )
+            rows, keys = [rows[pos] for pos in live], keys[live]
+        attn = torch.cat([attn, attn.new_ones((len(rows), 1))], dim=1)
         last_pos = last_pos + 1
         out = model(
             input_ids=tokens.unsqueeze(-1),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import numpy as np
 import pytest
 from torch_test_helpers import VOCAB, backend
 
@@ -137,6 +138,45 @@ def test_shared_prompt_scoring_matches_full_sequences(be):
     assert max(diffs) < 1e-5
 
 
+def test_rows_that_finish_leave_the_decoding_batch_and_the_rest_decode_as_if_alone(be):
+    """Budgets 1-6 and a stop token: later forwards see only the rows still decoding, and every row's
+    tokens and logprobs are those it gets when generated alone (greedy)."""
+    import random
+
+    from rllm_torch.sampling import GenParams, generate
+
+    rng = random.Random(1)
+    model, pad = be.policy, be.tokenizer.pad_token_id
+    eos = {be.tokenizer.eos_token_id}
+    prompts = [[rng.randrange(6, 18) for _ in range(rng.randint(2, 7))] for _ in range(12)]
+    greedy = GenParams(max_tokens=6, temperature=0.0)
+    alone = [generate(model, [p], [greedy], pad_id=pad, eos_ids=eos)[0] for p in prompts]
+    stop_on = alone[0].completion_ids[1]  # row 0's second token: a stop token for rows 0-3
+    params = [
+        GenParams(max_tokens=1 + i % 6, temperature=0.0, stop_token_ids=[stop_on] if i < 4 else [])
+        for i in range(len(prompts))
+    ]
+    sizes: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        batched = generate(model, prompts, params, pad_id=pad, eos_ids=eos)
+    finally:
+        hook.remove()
+    for i, (got, ref) in enumerate(zip(batched, alone, strict=True)):
+        ids = ref.completion_ids[: params[i].max_tokens]
+        if i < 4 and stop_on in ids:
+            ids = ids[: ids.index(stop_on) + 1]
+        assert got.completion_ids == ids, i
+        assert got.logprobs == pytest.approx(ref.logprobs[: len(ids)], abs=1e-5)
+    assert sizes[0] == len(prompts)  # the prompt pass
+    assert sizes[1:] == sorted(sizes[1:], reverse=True) and sizes[-1] < sizes[1] < len(prompts)
+    # sampled rows with their own seeds: the same tokens in the shrinking batch as alone
+    seeded = [GenParams(max_tokens=1 + i % 6, temperature=1.0, seed=i) for i in range(len(prompts))]
+    alone = [generate(model, [p], [q], pad_id=pad, eos_ids=eos)[0] for p, q in zip(prompts, seeded, strict=True)]
+    batched = generate(model, prompts, seeded, pad_id=pad, eos_ids=eos)
+    assert [r.completion_ids for r in batched] == [r.completion_ids for r in alone]
+
+
 def test_chat_template_and_decode_run_off_the_event_loop_and_prompts_stay_cached(be, monkeypatch):
     tok = be.tokenizer
     calls = []
@@ -192,3 +232,79 @@ def test_a_batch_runs_its_rows_in_call_order_whatever_order_the_prompts_were_enc
         return [o.completion_ids for o in outs]
 
     assert sample(delay_first=True) == sample(delay_first=False)
+
+
+def _sample_calls(prompts, max_tokens=4, sampler_seed=None, **settings):
+    """Completions and logprobs of one concurrent call per prompt, and the sampler's batch sizes."""
+    b = backend(**settings)
+    if sampler_seed is not None:
+        b.runtime.seed = sampler_seed
+
+    async def run():
+        return await asyncio.gather(*[b.rollout_engine.get_model_response(p, max_tokens=max_tokens) for p in prompts])
+
+    outs = asyncio.run(run())
+    sizes = list(b.runtime.batch_sizes)
+    asyncio.run(b.shutdown())
+    return [o.completion_ids for o in outs], [o.logprobs for o in outs], sizes
+
+
+def test_what_a_run_samples_does_not_depend_on_how_its_requests_were_batched():
+    """Each call draws from its own seed (the run's seed, the call's place in call order)."""
+    prompts = [[{"role": "user", "content": f"{a}+{a}="}] for a in range(8)] * 2
+    together, lp_together, sizes_together = _sample_calls(prompts, **{"torch.gen_batch_window_ms": 300})
+    alone, lp_alone, sizes_alone = _sample_calls(prompts, **{"torch.gen_max_batch": 1})
+    assert sizes_together == [16] and sizes_alone == [1] * 16
+    assert alone == together
+    for a, b in zip(lp_alone, lp_together, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert together[:8] != together[8:]  # the same prompt twice: two different calls, two draws
+    other_seed, _, _ = _sample_calls(prompts, sampler_seed=5, **{"torch.gen_batch_window_ms": 300})
+    assert other_seed != together  # same weights, another run seed
+
+
+def test_a_request_seed_gives_the_same_completion_in_any_batch(be):
+    engine = be.rollout_engine
+
+    async def run():
+        alone = await engine.get_model_response(MSG, max_tokens=8, seed=7)
+        crowd = await asyncio.gather(
+            *[engine.get_model_response(MSG, max_tokens=8) for _ in range(5)],
+            engine.get_model_response(MSG, max_tokens=8, seed=7),
+            *[engine.get_model_response(MSG, max_tokens=8, seed=s) for s in range(8, 14)],
+        )
+        return alone, crowd
+
+    alone, crowd = asyncio.run(run())
+    assert crowd[5].completion_ids == alone.completion_ids
+    assert crowd[5].logprobs == pytest.approx(alone.logprobs, abs=1e-5)
+    assert len({tuple(o.completion_ids) for o in crowd[6:]}) > 1  # other seeds, other draws
+
+
+def test_rows_are_drawn_from_their_tempered_truncated_distribution():
+    import torch
+    from rllm_torch.sampling import _sample, _uniforms
+
+    n = 40_000
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -30.0]).repeat(n, 1)
+    u = torch.from_numpy(_uniforms(np.arange(n, dtype=np.uint64) * np.uint64(7919), 0))
+
+    def freq(temp=1.0, top_k=0, top_p=1.0):
+        tokens = _sample(
+            logits, torch.full((n,), temp), torch.full((n,), top_k), torch.full((n,), top_p, dtype=torch.float32), u
+        )
+        return torch.bincount(tokens, minlength=6).double() / n
+
+    def target(probs):
+        return torch.tensor(probs, dtype=torch.float64)
+
+    p = torch.softmax(logits[0].double(), -1)
+    torch.testing.assert_close(freq(), p, atol=0.01, rtol=0)
+    p_hot = torch.softmax(logits[0].double() / 2.0, -1)
+    torch.testing.assert_close(freq(temp=2.0), p_hot, atol=0.01, rtol=0)
+    top2 = p[:2] / p[:2].sum()
+    torch.testing.assert_close(freq(top_k=2), target([*top2.tolist(), 0, 0, 0, 0]), atol=0.01, rtol=0)
+    # top_p 0.8: the two likeliest tokens hold 0.77 of the mass, so the third is kept as well
+    top3 = p[:3] / p[:3].sum()
+    torch.testing.assert_close(freq(top_p=0.8), target([*top3.tolist(), 0, 0, 0]), atol=0.01, rtol=0)
+    assert freq(temp=0.0).tolist() == [1.0, 0, 0, 0, 0, 0]

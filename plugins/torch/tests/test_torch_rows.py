@@ -137,9 +137,11 @@ def test_sampling_logprobs_at_temperature_are_the_trainers_recomputed_ones():
     pairs = [(s.prompt_ids, s.response_ids) for s in steps]
     recomputed = score(b.policy, pairs, pad_id=b._pad, temperature=0.7)
     untempered = score(b.policy, pairs, pad_id=b._pad)
-    for step, lp, raw in zip(steps, recomputed, untempered, strict=True):
+    for step, lp in zip(steps, recomputed, strict=True):
         assert step.logprobs == pytest.approx(lp, abs=1e-5)
-        assert max(abs(x - y) for x, y in zip(lp, raw, strict=True)) > 1e-3  # the temperature matters
+    # the temperature matters (a single token's logprob can happen to be nearly the same at both)
+    gaps = [abs(x - y) for lp, raw in zip(recomputed, untempered, strict=True) for x, y in zip(lp, raw, strict=True)]
+    assert max(gaps) > 1e-2
     _, metrics = gradients(b, [as_group(trajs)])
     assert metrics["actor/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
 
