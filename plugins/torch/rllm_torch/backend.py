@@ -213,7 +213,10 @@ class TorchBackend(Backend):
                 lps = score(self.policy, rows, pad_id=self._pad, share_prompts=share, temperature=self.temperature)
                 for i, lp in zip(idx, lps, strict=True):
                     batch.old_logprobs[i] = np.asarray(lp, dtype=np.float32) * batch.masks[i]
-            if self.config.algorithm.loss.kl_coef > 0 and self.runtime.reference is not None:
+            loss = self.config.algorithm.loss
+            # With the forward KL on, the training step runs the reference anyway and takes k3's
+            # reference logprobs from that pass (one reference forward per row, not two).
+            if loss.kl_coef > 0 and loss.forward_kl_coef == 0 and self.runtime.reference is not None:
                 batch.ref_logprobs = [np.zeros(0, dtype=np.float32)] * len(batch)
                 for idx in self._chunks(list(range(len(batch))), batch):
                     rows = [(batch.prompts[i], batch.responses[i]) for i in idx]
@@ -349,8 +352,8 @@ class TorchBackend(Backend):
         share = self._share_prompts
         temperature = self.temperature
         tis = loss_cfg.tis_cap if loss_cfg.old_logprobs == "recompute" else None
-        kl_on = loss_cfg.kl_coef > 0 and batch.ref_logprobs is not None
         forward_on = loss_cfg.forward_kl_coef > 0 and self.runtime.reference is not None
+        kl_on = loss_cfg.kl_coef > 0 and (batch.ref_logprobs is not None or forward_on)
         rows = [i for i in part if batch.masks[i].any()]
         # A row whose every advantage is 0 adds exactly 0 to the gradient of both losses; it only
         # matters through the entropy bonus or the KL term. Its weight stays in the aggregation.
@@ -392,15 +395,19 @@ class TorchBackend(Backend):
                 max_log_ratio=loss_cfg.max_log_ratio,
                 tis_weight=tis_weight,
             )
+            ref_logsm = self._reference_log_softmax(idx, batch, on) if forward_on else None
             if kl_on:
-                kl = kl_penalty(logp, flat(batch.ref_logprobs)[on], loss_cfg.kl_estimator, loss_cfg.kl_clamp)
+                if ref_logsm is not None:
+                    ref = ref_logsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                else:
+                    ref = flat(batch.ref_logprobs)[on]
+                kl = kl_penalty(logp, ref, loss_cfg.kl_estimator, loss_cfg.kl_clamp)
                 loss_t = loss_t + loss_cfg.kl_coef * kl
                 stats["kl"] = kl.detach()
             grad_logsm = self.cfg.entropy_coef > 0 or forward_on
             with torch.set_grad_enabled(grad_logsm):
-                logsm = torch.log_softmax((sel if grad_logsm else sel.detach()).float(), dim=-1)
-            if forward_on:
-                ref_logsm = self._reference_log_softmax(idx, batch, on)
+                logsm = torch.log_softmax(sel.float(), dim=-1)  # no graph unless a term needs one
+            if ref_logsm is not None:
                 forward_kl = (ref_logsm.exp() * (ref_logsm - logsm)).sum(-1)
                 loss_t = loss_t + loss_cfg.forward_kl_coef * forward_kl
                 stats["forward_kl"] = forward_kl.detach()

@@ -229,6 +229,27 @@ def test_forward_kl_is_the_exact_divergence_and_pulls_the_policy_back():
     assert _forward_kl(b, groups) < 0.5 * before
 
 
+def test_with_both_kl_terms_the_reference_runs_once_per_micro_batch_and_k3_is_unchanged():
+    """k3 takes its reference logprobs from the forward KL's reference pass: no pre-pass over the batch."""
+    runs = {}
+    for forward in (0.0, 1e-9):
+        b = backend(**{"algorithm.loss.kl_coef": 0.1, "algorithm.loss.forward_kl_coef": forward})
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in b.policy.parameters():
+                p.add_(0.3 * torch.randn_like(p))
+        calls = []
+        hook = b.runtime.reference.register_forward_pre_hook(lambda m, a, calls=calls: calls.append(1))
+        groups = groups_from_outputs(_sample(b, n=8), [0.0] * 8)
+        m = _train(b, groups).metrics
+        hook.remove()
+        runs[forward] = (m, len(calls))
+    (m_k3, calls_k3), (m_both, calls_both) = runs[0.0], runs[1e-9]
+    assert m_both["actor/kl"] == pytest.approx(m_k3["actor/kl"], rel=1e-4) and m_k3["actor/kl"] > 1e-3
+    # a shared-prompt pass is two forwards (prompts, then responses); the pre-pass would add two more
+    assert calls_both == calls_k3 == 2
+
+
 def test_prompt_sharing_and_zero_advantage_skipping_give_the_same_update():
     """Both shortcuts are exact: the same parameters after a step as the plain full-sequence pass."""
     plain = backend(**{"torch.share_prompt_prefix": "false", "torch.skip_zero_advantage": "false"})
