@@ -113,6 +113,9 @@ def _sample(
     logits: torch.Tensor, temps: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor
 ) -> torch.Tensor:
     """One token per row: greedy where the temperature is 0, else drawn at uniform ``u`` (float64)."""
+    if bool(torch.isnan(logits).any()):  # what torch.multinomial refused too: never a silent pick
+        rows = torch.isnan(logits).any(-1).nonzero().flatten().tolist()
+        raise RuntimeError(f"sampler: the model's logits are NaN in batch rows {rows[:8]}")
     greedy = temps <= 0
     scaled = logits / temps.clamp(min=1e-6).unsqueeze(-1)
     if bool((top_k > 0).any()) or bool((top_p < 1).any()):

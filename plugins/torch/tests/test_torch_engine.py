@@ -308,3 +308,7 @@ def test_rows_are_drawn_from_their_tempered_truncated_distribution():
     top3 = p[:3] / p[:3].sum()
     torch.testing.assert_close(freq(top_p=0.8), target([*top3.tolist(), 0, 0, 0]), atol=0.01, rtol=0)
     assert freq(temp=0.0).tolist() == [1.0, 0, 0, 0, 0, 0]
+    broken = logits[:4].clone()
+    broken[2, 1] = float("nan")
+    with pytest.raises(RuntimeError, match=r"NaN in batch rows \[2\]"):
+        _sample(broken, torch.ones(4), torch.zeros(4, dtype=torch.long), torch.ones(4), u[:4])
