@@ -57,6 +57,7 @@ __all__ = [
     "drgrpo",
     "filter_groups",
     "grpo",
+    "is_collapsed",
     "is_informative",
     "reinforce",
     "reinforce_plus_plus",
@@ -274,6 +275,14 @@ def _correct(group: TrajectoryGroup) -> list[bool]:
     return [t.total_reward > 0 for t in group.trajectories]
 
 
+ANCHOR_KEY = "anchor_collapsed"
+"""``Trajectory.info`` key marking a collapsed task kept by ``filter.anchor_collapsed``."""
+
+
+def _anchored(group: TrajectoryGroup) -> bool:
+    return bool(group.trajectories) and all(t.info.get(ANCHOR_KEY) for t in group.trajectories)
+
+
 def _says_precomputed(group: TrajectoryGroup) -> bool:
     """True when every step of the group carries a per-token list advantage (and there is a step)."""
     seen = False
@@ -319,7 +328,8 @@ def filter_groups(
     trajectory rewards are all equal.
 
     Groups whose steps all carry precomputed per-token advantages are never dropped for uniform
-    rewards: their signal is not the reward. ``mask_termination_reasons`` is applied later, by
+    rewards: their signal is not the reward; nor are the collapsed tasks dynamic sampling kept for
+    ``anchor_collapsed``. ``mask_termination_reasons`` is applied later, by
     :func:`compute_advantages`. Metrics: ``filter/groups_in``, ``filter/groups_kept``,
     ``filter/dropped_small``, ``filter/dropped_uniform``.
     """
@@ -334,7 +344,8 @@ def filter_groups(
             continue
         if drop_uniform:
             rewards = _rewards(group)
-            if (not rewards or max(rewards) - min(rewards) <= _UNIFORM_TOL) and not _says_precomputed(group):
+            uniform_rewards = not rewards or max(rewards) - min(rewards) <= _UNIFORM_TOL
+            if uniform_rewards and not _says_precomputed(group) and not _anchored(group):
                 uniform += 1
                 continue
         kept.append(group)
@@ -345,6 +356,19 @@ def filter_groups(
         "filter/dropped_uniform": float(uniform),
     }
     return kept, metrics
+
+
+def is_collapsed(episodes: Sequence[Episode], share: float) -> bool:
+    """True when every rollout of one task failed (none correct, rewards all equal) and at least
+    ``share`` of them gave the same answer (the same response tokens): a policy sure of a wrong
+    answer, rather than one that has not found the right answer yet."""
+    if not episodes or any(e.is_correct for e in episodes) or is_informative(episodes):
+        return False
+    counts: dict[tuple, int] = {}
+    for e in episodes:
+        answer = tuple(tuple(s.response_ids) for t in e.trajectories for s in t.steps)
+        counts[answer] = counts.get(answer, 0) + 1
+    return max(counts.values()) >= share * len(episodes)
 
 
 def is_informative(episodes: Iterable[Episode]) -> bool:

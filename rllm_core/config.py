@@ -116,6 +116,15 @@ class FilterConfig(_Section):
     max_sample_rounds: int = Field(3, ge=1)
     """Dynamic sampling: at most this many batches' worth of tasks generated for one step; past it
     the step trains on the informative tasks it has."""
+    anchor_collapsed: int = Field(0, ge=0)
+    """Dynamic sampling (sync): keep up to this many *collapsed* tasks a step beside the informative
+    ones. Collapsed: every rollout failed alike and at least ``collapse_share`` of them gave the same
+    answer (a policy sure of a wrong answer, not one that has not found the right one yet). GRPO
+    gives them advantage 0, so only the KL terms and the entropy bonus act on them; with
+    ``loss.forward_kl_rows: no_signal`` the forward KL pulls exactly them back toward the
+    reference. 0: off."""
+    collapse_share: float = Field(0.5, gt=0, le=1)
+    """``anchor_collapsed``: the share of a task's rollouts that must give the same wrong answer."""
     min_group_size: int = Field(1, ge=1)
     """Drop groups with fewer trajectories than this."""
     mask_termination_reasons: list[TerminationReason] = Field(default_factory=list)
@@ -159,6 +168,9 @@ class LossConfig(_Section):
     reference gives probability keeps some, so an answer the policy has not found yet stays
     reachable instead of collapsing to another prompt's answer (benchmarks/learning measures it).
     Needs the reference's full distribution: backends that see only sampled tokens reject it."""
+    forward_kl_rows: Literal["all", "no_signal"] = "all"
+    """Where ``forward_kl_coef`` acts: on every action token, or only on tokens whose advantage is 0
+    (``no_signal``: the collapsed groups ``filter.anchor_collapsed`` keeps, where nothing else pulls)."""
     old_logprobs: Literal["sampler", "recompute"] = "sampler"
     """What the importance ratio divides by. ``sampler``: the logprobs recorded when sampling, so the
     ratio corrects both staleness (async) and any sampler/trainer mismatch. ``recompute``: the trainer
@@ -353,6 +365,13 @@ class RLLMConfig(BaseModel):
         if isinstance(value, Mapping):
             return {k: ({} if v is None else v) for k, v in value.items()}
         return value
+
+    @model_validator(mode="after")
+    def _check_anchor(self) -> RLLMConfig:
+        flt = self.algorithm.filter
+        if flt.anchor_collapsed and not (flt.dynamic_sampling and self.trainer.mode == "sync"):
+            raise ValueError("algorithm.filter.anchor_collapsed needs filter.dynamic_sampling and trainer.mode: sync")
+        return self
 
     @model_validator(mode="after")
     def _check_loss_scale(self) -> RLLMConfig:

@@ -572,10 +572,11 @@ class UnifiedTrainer:
         Returns the episodes of the first ``train_batch_size`` informative tasks, everything
         generated (for the train metrics) and the ``dynamic/*`` metrics.
         """
-        from rllm_core.advantages import is_informative
+        from rllm_core.advantages import ANCHOR_KEY, is_collapsed, is_informative
 
         target = self.config.data.train_batch_size
-        max_rounds = self.config.algorithm.filter.max_sample_rounds
+        flt = self.config.algorithm.filter
+        max_rounds = flt.max_sample_rounds
         generated = list(episodes)
         kept: dict[str, list[Episode]] = {}
         rounds = tasks = 0
@@ -604,7 +605,24 @@ class UnifiedTrainer:
             "dynamic/surplus_tasks": float(max(0, len(kept) - target)),
         }
         chosen = list(kept.values())[:target]
-        return [e for eps in chosen for e in eps], generated, metrics
+        out = [e for eps in chosen for e in eps]
+        if flt.anchor_collapsed:
+            # Tasks every rollout of which failed alike (a task drawn twice in the step pools its
+            # rollouts): kept with advantage 0, for the terms that pull toward the reference.
+            chosen_ids = {eps[0].task_id for eps in chosen}
+            pooled: dict[str, list[Episode]] = {}
+            for episode in generated:
+                if episode.task_id not in chosen_ids:
+                    pooled.setdefault(episode.task_id, []).append(episode)
+            anchors = [eps for eps in pooled.values() if is_collapsed(eps, flt.collapse_share)]
+            anchors = anchors[: flt.anchor_collapsed]
+            for eps in anchors:
+                for episode in eps:
+                    for trajectory in episode.trajectories:
+                        trajectory.info[ANCHOR_KEY] = True
+                out.extend(eps)
+            metrics["dynamic/anchored_tasks"] = float(len(anchors))
+        return out, generated, metrics
 
     # -- async mode ---------------------------------------------------------------------------
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from rllm_core.advantages import is_collapsed
 from rllm_core.testing import RecordingHooks, SimulatedBackend, simulated_config
 from rllm_core.trainer import UnifiedTrainer
+from rllm_core.types import Episode, Step, Trajectory
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -65,3 +67,49 @@ def test_without_dynamic_sampling_uniform_groups_are_trained_as_they_come(tmp_pa
     backend, metrics = run(tmp_path, "sync", algorithm={"filter": {"dynamic_sampling": False}})
     assert all(len(r["task_ids"]) == 4 for r in backend.trained)  # kept, uniform or not
     assert all("dynamic/rounds" not in m for m in metrics.values())
+
+
+def _episode(task_id: str, response: list[int], reward: float) -> Episode:
+    step = Step(prompt_ids=[1, 2], response_ids=response, logprobs=[-1.0] * len(response), reward=reward)
+    return Episode(
+        task_id=task_id,
+        trajectories=[Trajectory(name="solver", steps=[step], reward=reward)],
+        is_correct=reward > 0,
+    )
+
+
+def test_a_task_is_collapsed_when_its_rollouts_fail_alike_and_mostly_give_one_answer():
+    same = [_episode("t", [5, 6], 0.0) for _ in range(3)] + [_episode("t", [7], 0.0)]
+    assert is_collapsed(same, 0.5) and is_collapsed(same, 0.75) and not is_collapsed(same, 0.8)
+    diverse = [_episode("t", [i], 0.0) for i in range(4)]  # has not found the answer: not collapsed
+    assert not is_collapsed(diverse, 0.5)
+    one_right = [*same[:3], _episode("t", [9], 1.0)]  # informative: GRPO has a signal
+    assert not is_collapsed(one_right, 0.5)
+
+
+def test_collapsed_tasks_are_kept_beside_the_informative_ones_with_advantage_zero(tmp_path):
+    # p0 0.1 and answers of four tokens drawn from 99 ids: failures differ, so nothing collapses
+    backend, metrics = run(tmp_path / "diverse", "sync", algorithm={"filter": {"anchor_collapsed": 3}})
+    assert all(m["dynamic/anchored_tasks"] == 0 for m in metrics.values())
+    assert all(len(r["task_ids"]) == 4 for r in backend.trained)
+    # with a share of 0.1 (one answer of four) every all-failed task counts as collapsed
+    backend, metrics = run(
+        tmp_path / "same",
+        "sync",
+        simulated={"response_tokens": 1, "seed": 3},
+        algorithm={"filter": {"anchor_collapsed": 3, "collapse_share": 0.1}},
+    )
+    anchored = [m["dynamic/anchored_tasks"] for m in metrics.values()]
+    assert max(anchored) > 0 and all(a <= 3 for a in anchored)
+    for record, a in zip(backend.trained, anchored, strict=True):
+        assert len(set(record["task_ids"])) == 4 + a  # the batch, plus the anchored tasks
+    for m in metrics.values():
+        assert m["filter/dropped_uniform"] == 0  # kept through the uniform-reward filter
+
+
+@pytest.mark.parametrize(
+    "changes", [{"trainer": {"mode": "async"}}, {"algorithm": {"filter": {"dynamic_sampling": False}}}]
+)
+def test_anchoring_collapsed_tasks_needs_sync_dynamic_sampling(tmp_path, changes):
+    with pytest.raises(ValueError, match=r"algorithm\.filter\.anchor_collapsed needs"):
+        simulated_config(tmp_path, SETTINGS, {"algorithm": {"filter": {"anchor_collapsed": 2}}}, **changes)

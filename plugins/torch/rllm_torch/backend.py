@@ -409,6 +409,8 @@ class TorchBackend(Backend):
                 logsm = torch.log_softmax(sel.float(), dim=-1)  # no graph unless a term needs one
             if ref_logsm is not None:
                 forward_kl = (ref_logsm.exp() * (ref_logsm - logsm)).sum(-1)
+                if loss_cfg.forward_kl_rows == "no_signal":  # only where the policy gradient is silent
+                    forward_kl = forward_kl * (adv == 0)
                 loss_t = loss_t + loss_cfg.forward_kl_coef * forward_kl
                 stats["forward_kl"] = forward_kl.detach()
             entropy = -(logsm.exp() * logsm).sum(-1)

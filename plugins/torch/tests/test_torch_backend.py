@@ -229,6 +229,21 @@ def test_forward_kl_is_the_exact_divergence_and_pulls_the_policy_back():
     assert _forward_kl(b, groups) < 0.5 * before
 
 
+def test_forward_kl_on_no_signal_rows_acts_only_where_the_advantage_is_zero():
+    b = backend(**{"algorithm.loss.forward_kl_coef": 1.0, "algorithm.loss.forward_kl_rows": "no_signal"})
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in b.policy.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    outs = _sample(b, n=16)
+    silent = groups_from_outputs(outs[:8], [0.0] * 8, task_id="silent")  # advantage 0 everywhere
+    mixed = groups_from_outputs(outs[8:], [float(i % 2) for i in range(8)], task_id="mixed")
+    tokens = {name: sum(len(o.completion_ids) for o in part) for name, part in (("s", outs[:8]), ("m", outs[8:]))}
+    expected = _forward_kl(b, silent) * tokens["s"] / (tokens["s"] + tokens["m"])
+    m = _train(b, silent + mixed).metrics
+    assert m["actor/forward_kl"] == pytest.approx(expected, rel=1e-4) and expected > 0.01
+
+
 def test_with_both_kl_terms_the_reference_runs_once_per_micro_batch_and_k3_is_unchanged():
     """k3 takes its reference logprobs from the forward KL's reference pass: no pre-pass over the batch."""
     runs = {}
