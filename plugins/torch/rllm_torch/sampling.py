@@ -60,25 +60,28 @@ _COMPACT_FRACTION = 8
 """Finished rows leave the decoding batch once they are at least 1/8 of it."""
 
 
+def _splitmix(z: Any) -> Any:
+    """SplitMix64's output function on an advanced state: a Python int or a uint64 array (one code
+    path for both, so run keys and per-token uniforms cannot drift apart)."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
 def mix_seed(*parts: int) -> int:
     """A 64-bit key from integers (SplitMix64 over each in turn): ``mix_seed(run_seed, i)`` gives
-    well-spread, distinct keys for consecutive ``i``."""
+    well-spread, distinct keys for consecutive ``i``; ``mix_seed(0)`` is SplitMix64's first output."""
     z = 0
     for part in parts:
-        z = (z + (part & _MASK) + _GOLDEN) & _MASK
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
-        z ^= z >> 31
+        z = _splitmix((z + (part & _MASK) + _GOLDEN) & _MASK)
     return z
 
 
 def _uniforms(keys: np.ndarray, step: int) -> np.ndarray:
-    """One float64 uniform in [0, 1) per key for token ``step``: SplitMix64 of ``key + (step + 1) * golden``."""
-    z = keys + np.uint64(((step + 1) * _GOLDEN) & _MASK)  # uint64 arrays wrap, as the hash needs
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z ^= z >> np.uint64(31)
-    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    """One float64 uniform in [0, 1) per key for token ``step``: the top 53 bits of SplitMix64 at
+    state ``key + (step + 1) * golden`` (for key 0, the stream's ``step + 1``-th output)."""
+    z = _splitmix(keys + np.uint64(((step + 1) * _GOLDEN) & _MASK))  # uint64 arrays wrap, as the hash needs
+    return (z >> 11).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def _row_keys(params: list[GenParams], generator: torch.Generator | None) -> np.ndarray:
