@@ -30,7 +30,11 @@ import random
 import threading
 import time
 import warnings
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +124,8 @@ class TorchBackend(Backend):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.updates = 0
         self._train_executor = torch_threads_executor("rllm-torch-train")
+        self._reference_executor = torch_threads_executor("rllm-torch-reference")
+        """The reference's passes of a training step, one micro-batch ahead of the policy's."""
         self._train_lock = threading.Lock()
         if cfg.gc_freeze:
             # torch + transformers leave ~10^6 long-lived objects behind; every full collection
@@ -236,6 +242,13 @@ class TorchBackend(Backend):
         return self.tokenizer.pad_token_id
 
     @property
+    def _overlap_reference(self) -> bool:
+        # On CPU only where a second team of threads finds idle cores (the small-model default of
+        # one thread each); an accelerator queues both threads' kernels anyway.
+        cores = os.cpu_count() or 1
+        return self.device.type != "cpu" or 2 * torch.get_num_threads() <= cores
+
+    @property
     def _share_prompts(self) -> bool:
         # gradient checkpointing turns the KV cache off in training, which prompt sharing relies on
         return self.cfg.share_prompt_prefix and not self.cfg.gradient_checkpointing
@@ -311,10 +324,19 @@ class TorchBackend(Backend):
         with self._train_lock, self.runtime.lock if not self.separate_sampler else _NULL_LOCK:
             self.policy.train()
             lr = self.scheduler.get_last_lr()[0]
-            for part in rows.mini_batches(step, self.seed, self.config.algorithm.optim):
+            parts = rows.mini_batches(step, self.seed, self.config.algorithm.optim)
+            plans = [self._plan(batch, part) for part in parts]
+            reference = None
+            if loss_cfg.forward_kl_coef > 0 and self.runtime.reference is not None:
+                # The reference's pass of micro-batch k + 1 runs on its own thread (the other core)
+                # while the policy's forward and backward of micro-batch k run here.
+                chunks = [idx for _, part_chunks in plans for idx in part_chunks]
+                executor = self._reference_executor if self._overlap_reference else None
+                reference = _prefetched(executor, partial(self._reference_log_softmax, batch), chunks)
+            for part, (kept, part_chunks) in zip(parts, plans, strict=True):
                 weights = rows.loss_weights(loss_cfg.agg_mode, factor, rows=part)
                 batch.weights = [weights[cuts[r] : offsets[r + 1]].astype(np.float32) for r in range(len(batch))]
-                n, f, fr, t, norm = self._optimizer_step(batch, part, sums)
+                n, f, fr, t, norm = self._optimizer_step(batch, kept, part_chunks, sums, reference)
                 n_tokens, fed, fed_real, trained = n_tokens + n, fed + f, fed_real + fr, trained + t
                 norms.append(norm)
             self.scheduler.step()  # once per training step, however many optimiser steps it took
@@ -341,17 +363,9 @@ class TorchBackend(Backend):
         )
         return metrics
 
-    def _optimizer_step(
-        self, batch: TrainBatch, part: list[int], sums: dict[str, float]
-    ) -> tuple[int, int, int, int, float]:
-        """Forward/backward over the rows ``part`` (in micro-batches), then one clipped AdamW step.
-
-        Adds per-token diagnostics to ``sums``; returns (tokens, fed, fed_real, trained rows, grad norm).
-        """
+    def _plan(self, batch: TrainBatch, part: list[int]) -> tuple[list[int], list[list[int]]]:
+        """The rows of mini-batch ``part`` that take part in its forward passes, and their micro-batches."""
         loss_cfg = self.config.algorithm.loss
-        share = self._share_prompts
-        temperature = self.temperature
-        tis = loss_cfg.tis_cap if loss_cfg.old_logprobs == "recompute" else None
         forward_on = loss_cfg.forward_kl_coef > 0 and self.runtime.reference is not None
         kl_on = loss_cfg.kl_coef > 0 and (batch.ref_logprobs is not None or forward_on)
         rows = [i for i in part if batch.masks[i].any()]
@@ -359,9 +373,33 @@ class TorchBackend(Backend):
         # matters through the entropy bonus or the KL term. Its weight stays in the aggregation.
         if self.cfg.skip_zero_advantage and self.cfg.entropy_coef == 0 and not (kl_on or forward_on):
             rows = [i for i in rows if batch.advantages[i].any()]
+        return rows, self._chunks(rows, batch)
+
+    def _optimizer_step(
+        self,
+        batch: TrainBatch,
+        rows: list[int],
+        chunks: list[list[int]],
+        sums: dict[str, float],
+        reference: Iterator[torch.Tensor] | None = None,
+    ) -> tuple[int, int, int, int, float]:
+        """Forward/backward over ``rows`` in micro-batches ``chunks`` (see :meth:`_plan`), then one
+        clipped AdamW step. ``reference`` yields each micro-batch's reference log-softmax, in order,
+        when the forward KL is on.
+
+        Adds per-token diagnostics to ``sums``; returns (tokens, fed, fed_real, trained rows, grad norm).
+        """
+        loss_cfg = self.config.algorithm.loss
+        share = self._share_prompts
+        temperature = self.temperature
+        tis = loss_cfg.tis_cap if loss_cfg.old_logprobs == "recompute" else None
+        forward_on = reference is not None
+        kl_on = loss_cfg.kl_coef > 0 and (batch.ref_logprobs is not None or forward_on)
         self.optimizer.zero_grad(set_to_none=True)
         n_tokens = fed = fed_real = 0
-        for idx in self._chunks(rows, batch):
+        for idx in chunks:
+            # first: it also sends the next micro-batch's reference pass off, to run beside this one
+            ref_logsm = next(reference) if reference is not None else None
 
             def flat(values: list[np.ndarray], idx: list[int] = idx) -> torch.Tensor:
                 return torch.from_numpy(np.concatenate([values[i] for i in idx])).to(self.device)
@@ -395,7 +433,6 @@ class TorchBackend(Backend):
                 max_log_ratio=loss_cfg.max_log_ratio,
                 tis_weight=tis_weight,
             )
-            ref_logsm = self._reference_log_softmax(idx, batch, on) if forward_on else None
             if kl_on:
                 if ref_logsm is not None:
                     ref = ref_logsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -434,11 +471,13 @@ class TorchBackend(Backend):
         self.optimizer.step()
         return n_tokens, fed, fed_real, len(rows), float(grad_norm)
 
-    def _reference_log_softmax(self, idx: list[int], batch: TrainBatch, on: torch.Tensor) -> torch.Tensor:
+    def _reference_log_softmax(self, batch: TrainBatch, idx: list[int]) -> torch.Tensor:
         """The reference's tempered log-softmax at the action tokens of rows ``idx`` (``forward_kl_coef``).
 
-        Computed here, one micro-batch at a time, rather than stored: a full distribution per token
-        is vocabulary-sized. The training step holds ``_train_lock``, which ``refresh_reference`` needs."""
+        Computed one micro-batch at a time (on the reference thread, one ahead of the policy), rather
+        than stored: a full distribution per token is vocabulary-sized. Without a separate sampler the
+        training step holds the runtime's lock, so nothing replaces the reference meanwhile."""
+        on = torch.from_numpy(np.concatenate([batch.masks[i] for i in idx]) > 0).to(self.device)
         with torch.no_grad(), self.runtime.lock if self.separate_sampler else _NULL_LOCK:
             sel, _ = response_logits(
                 self.runtime.reference,
@@ -544,6 +583,7 @@ class TorchBackend(Backend):
     async def shutdown(self) -> None:
         self.runtime.shutdown()
         self._train_executor.shutdown(wait=True)
+        self._reference_executor.shutdown(wait=True)
 
 
 class _NullLock:
@@ -555,6 +595,21 @@ class _NullLock:
 
 
 _NULL_LOCK = _NullLock()
+
+
+def _prefetched(executor: Executor | None, fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Any]:
+    """``fn(item)`` for each item, in order, computed on ``executor`` one item ahead of the consumer
+    (at most two results alive at once); without an executor, in the consumer's thread when asked."""
+    if executor is None:
+        yield from map(fn, items)
+        return
+    ahead: deque[Future] = deque()
+    for item in items:
+        ahead.append(executor.submit(fn, item))
+        if len(ahead) > 1:
+            yield ahead.popleft().result()
+    while ahead:
+        yield ahead.popleft().result()
 
 
 def _forward_tokens(prompts: list[list[int]], responses: list[list[int]], share: bool) -> tuple[int, int]:

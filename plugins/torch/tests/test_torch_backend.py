@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from torch_test_helpers import backend, groups_from_outputs
@@ -254,15 +255,43 @@ def test_with_both_kl_terms_the_reference_runs_once_per_micro_batch_and_k3_is_un
             for p in b.policy.parameters():
                 p.add_(0.3 * torch.randn_like(p))
         calls = []
-        hook = b.runtime.reference.register_forward_pre_hook(lambda m, a, calls=calls: calls.append(1))
+        hook = b.runtime.reference.register_forward_pre_hook(
+            lambda m, a, calls=calls: calls.append(threading.current_thread().name)
+        )
         groups = groups_from_outputs(_sample(b, n=8), [0.0] * 8)
         m = _train(b, groups).metrics
         hook.remove()
-        runs[forward] = (m, len(calls))
+        runs[forward] = (m, calls)
     (m_k3, calls_k3), (m_both, calls_both) = runs[0.0], runs[1e-9]
     assert m_both["actor/kl"] == pytest.approx(m_k3["actor/kl"], rel=1e-4) and m_k3["actor/kl"] > 1e-3
     # a shared-prompt pass is two forwards (prompts, then responses); the pre-pass would add two more
-    assert calls_both == calls_k3 == 2
+    assert len(calls_both) == len(calls_k3) == 2
+    # the k3 pre-pass runs on the training thread; the forward KL's pass beside it, on its own
+    assert all(name.startswith("rllm-torch-train") for name in calls_k3)
+    assert all(name.startswith("rllm-torch-reference") for name in calls_both)
+
+
+def test_prefetched_keeps_order_and_runs_one_item_ahead_on_the_executor():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rllm_torch.backend import _prefetched
+
+    started: list[tuple[int, str]] = []
+
+    def work(i: int) -> int:
+        started.append((i, threading.current_thread().name))
+        return i * i
+
+    with ThreadPoolExecutor(1, thread_name_prefix="ahead") as ex:
+        out = []
+        for k, value in enumerate(_prefetched(ex, work, list(range(5)))):
+            out.append(value)
+            assert max(i for i, _ in started) <= k + 1  # never more than one item ahead of the consumer
+        assert out == [0, 1, 4, 9, 16]
+        assert all(name.startswith("ahead") for _, name in started)
+    inline = _prefetched(None, work, [3, 4])
+    started.clear()
+    assert next(inline) == 9 and started == [(3, threading.current_thread().name)]  # lazily, here
 
 
 def test_prompt_sharing_and_zero_advantage_skipping_give_the_same_update():
@@ -297,7 +326,7 @@ def test_the_thread_count_holds_in_the_sampler_and_trainer_threads():
     omp_threads = ctypes.CDLL(gomp).omp_get_max_threads
     b = backend(**{"torch.num_threads": 1})
     try:
-        for executor in (b.runtime.executor, b._train_executor):
+        for executor in (b.runtime.executor, b._train_executor, b._reference_executor):
             assert executor.submit(omp_threads).result() == 1
     finally:
         asyncio.run(b.shutdown())
