@@ -572,7 +572,7 @@ class UnifiedTrainer:
         Returns the episodes of the first ``train_batch_size`` informative tasks, everything
         generated (for the train metrics) and the ``dynamic/*`` metrics.
         """
-        from rllm_core.advantages import ANCHOR_KEY, is_collapsed, is_informative
+        from rllm_core.advantages import is_informative
 
         target = self.config.data.train_batch_size
         flt = self.config.algorithm.filter
@@ -607,22 +607,30 @@ class UnifiedTrainer:
         chosen = list(kept.values())[:target]
         out = [e for eps in chosen for e in eps]
         if flt.anchor_collapsed:
-            # Tasks every rollout of which failed alike (a task drawn twice in the step pools its
-            # rollouts): kept with advantage 0, for the terms that pull toward the reference.
-            chosen_ids = {eps[0].task_id for eps in chosen}
-            pooled: dict[str, list[Episode]] = {}
-            for episode in generated:
-                if episode.task_id not in chosen_ids:
-                    pooled.setdefault(episode.task_id, []).append(episode)
-            anchors = [eps for eps in pooled.values() if is_collapsed(eps, flt.collapse_share)]
-            anchors = anchors[: flt.anchor_collapsed]
-            for eps in anchors:
-                for episode in eps:
-                    for trajectory in episode.trajectories:
-                        trajectory.info[ANCHOR_KEY] = True
-                out.extend(eps)
-            metrics["dynamic/anchored_tasks"] = float(len(anchors))
+            out.extend(self._anchors({eps[0].task_id for eps in chosen}, generated, metrics))
         return out, generated, metrics
+
+    def _anchors(self, chosen: set[str], candidates: list[Episode], metrics: dict[str, float]) -> list[Episode]:
+        """``filter.anchor_collapsed``: the episodes of up to that many collapsed tasks among
+        ``candidates`` outside ``chosen`` (a task generated twice in the step pools its rollouts),
+        marked to be trained with advantage 0, for the terms that pull toward the reference."""
+        from rllm_core.advantages import ANCHOR_KEY, is_collapsed
+
+        flt = self.config.algorithm.filter
+        pooled: dict[str, list[Episode]] = {}
+        for episode in candidates:
+            if episode.task_id not in chosen:
+                pooled.setdefault(episode.task_id, []).append(episode)
+        anchors = [eps for eps in pooled.values() if is_collapsed(eps, flt.collapse_share)]
+        anchors = anchors[: flt.anchor_collapsed]
+        out = []
+        for eps in anchors:
+            for episode in eps:
+                for trajectory in episode.trajectories:
+                    trajectory.info[ANCHOR_KEY] = True
+            out.extend(eps)
+        metrics["dynamic/anchored_tasks"] = float(len(anchors))
+        return out
 
     # -- async mode ---------------------------------------------------------------------------
 
@@ -703,12 +711,17 @@ class UnifiedTrainer:
                     break
                 step_start = time.perf_counter()
                 episodes = [e for r in results for e in r.episodes]
-                generated = episodes + [e for r in coord.discarded for e in r.episodes] if coord.discarded else None
+                discarded = [e for r in coord.discarded for e in r.episodes]
+                generated = episodes + discarded if discarded else None
+                anchored: dict[str, float] = {}
+                if self.config.algorithm.filter.anchor_collapsed:  # from the tasks this step discarded
+                    episodes += self._anchors({e.task_id for e in episodes}, discarded, anchored)
                 epoch = min(r.epoch for r in results)
                 batch = [r.episodes[0].task if r.episodes else None for r in results]
                 state = self._new_state(epoch=epoch, batch=batch)
                 await self._batch_start(state)
                 metrics = await self._train_on(state, episodes, generated)
+                metrics.update(anchored)
                 self.step += 1
                 drain = 0.0
                 if self.step - coord.synced_step >= cfg.sync_every:

@@ -87,15 +87,16 @@ def test_a_task_is_collapsed_when_its_rollouts_fail_alike_and_mostly_give_one_an
     assert not is_collapsed(one_right, 0.5)
 
 
-def test_collapsed_tasks_are_kept_beside_the_informative_ones_with_advantage_zero(tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_collapsed_tasks_are_kept_beside_the_informative_ones_with_advantage_zero(tmp_path, mode):
     # p0 0.1 and answers of four tokens drawn from 99 ids: failures differ, so nothing collapses
-    backend, metrics = run(tmp_path / "diverse", "sync", algorithm={"filter": {"anchor_collapsed": 3}})
+    backend, metrics = run(tmp_path / "diverse", mode, algorithm={"filter": {"anchor_collapsed": 3}})
     assert all(m["dynamic/anchored_tasks"] == 0 for m in metrics.values())
     assert all(len(r["task_ids"]) == 4 for r in backend.trained)
     # with a share of 0.1 (one answer of four) every all-failed task counts as collapsed
     backend, metrics = run(
         tmp_path / "same",
-        "sync",
+        mode,
         simulated={"response_tokens": 1, "seed": 3},
         algorithm={"filter": {"anchor_collapsed": 3, "collapse_share": 0.1}},
     )
@@ -105,11 +106,11 @@ def test_collapsed_tasks_are_kept_beside_the_informative_ones_with_advantage_zer
         assert len(set(record["task_ids"])) == 4 + a  # the batch, plus the anchored tasks
     for m in metrics.values():
         assert m["filter/dropped_uniform"] == 0  # kept through the uniform-reward filter
+        if mode == "async":  # anchors come from the step's discarded tasks, never more of them
+            assert m["dynamic/anchored_tasks"] <= m["dynamic/discarded_tasks"]
 
 
-@pytest.mark.parametrize(
-    "changes", [{"trainer": {"mode": "async"}}, {"algorithm": {"filter": {"dynamic_sampling": False}}}]
-)
-def test_anchoring_collapsed_tasks_needs_sync_dynamic_sampling(tmp_path, changes):
-    with pytest.raises(ValueError, match=r"algorithm\.filter\.anchor_collapsed needs"):
-        simulated_config(tmp_path, SETTINGS, {"algorithm": {"filter": {"anchor_collapsed": 2}}}, **changes)
+def test_anchoring_collapsed_tasks_needs_dynamic_sampling(tmp_path):
+    with pytest.raises(ValueError, match=r"algorithm\.filter\.anchor_collapsed needs filter\.dynamic_sampling"):
+        changes = {"algorithm": {"filter": {"anchor_collapsed": 2, "dynamic_sampling": False}}}
+        simulated_config(tmp_path, SETTINGS, changes)
