@@ -324,10 +324,12 @@ class TorchBackend(Backend):
         with self._train_lock, self.runtime.lock if not self.separate_sampler else _NULL_LOCK:
             self.policy.train()
             lr = self.scheduler.get_last_lr()[0]
+            forward_on = loss_cfg.forward_kl_coef > 0 and self.runtime.reference is not None
+            kl_on = loss_cfg.kl_coef > 0 and (batch.ref_logprobs is not None or forward_on)
             parts = rows.mini_batches(step, self.seed, self.config.algorithm.optim)
-            plans = [self._plan(batch, part) for part in parts]
+            plans = [self._plan(batch, part, every_row=kl_on or forward_on) for part in parts]
             reference = None
-            if loss_cfg.forward_kl_coef > 0 and self.runtime.reference is not None:
+            if forward_on:
                 # The reference's pass of micro-batch k + 1 runs on its own thread (the other core)
                 # while the policy's forward and backward of micro-batch k run here.
                 chunks = [idx for _, part_chunks in plans for idx in part_chunks]
@@ -336,7 +338,7 @@ class TorchBackend(Backend):
             for part, (kept, part_chunks) in zip(parts, plans, strict=True):
                 weights = rows.loss_weights(loss_cfg.agg_mode, factor, rows=part)
                 batch.weights = [weights[cuts[r] : offsets[r + 1]].astype(np.float32) for r in range(len(batch))]
-                n, f, fr, t, norm = self._optimizer_step(batch, kept, part_chunks, sums, reference)
+                n, f, fr, t, norm = self._optimizer_step(batch, kept, part_chunks, sums, kl_on, reference)
                 n_tokens, fed, fed_real, trained = n_tokens + n, fed + f, fed_real + fr, trained + t
                 norms.append(norm)
             self.scheduler.step()  # once per training step, however many optimiser steps it took
@@ -363,15 +365,13 @@ class TorchBackend(Backend):
         )
         return metrics
 
-    def _plan(self, batch: TrainBatch, part: list[int]) -> tuple[list[int], list[list[int]]]:
-        """The rows of mini-batch ``part`` that take part in its forward passes, and their micro-batches."""
-        loss_cfg = self.config.algorithm.loss
-        forward_on = loss_cfg.forward_kl_coef > 0 and self.runtime.reference is not None
-        kl_on = loss_cfg.kl_coef > 0 and (batch.ref_logprobs is not None or forward_on)
+    def _plan(self, batch: TrainBatch, part: list[int], every_row: bool) -> tuple[list[int], list[list[int]]]:
+        """The rows of mini-batch ``part`` that take part in its forward passes, and their
+        micro-batches. ``every_row``: a KL term acts on rows without advantage too."""
         rows = [i for i in part if batch.masks[i].any()]
         # A row whose every advantage is 0 adds exactly 0 to the gradient of both losses; it only
         # matters through the entropy bonus or the KL term. Its weight stays in the aggregation.
-        if self.cfg.skip_zero_advantage and self.cfg.entropy_coef == 0 and not (kl_on or forward_on):
+        if self.cfg.skip_zero_advantage and self.cfg.entropy_coef == 0 and not every_row:
             rows = [i for i in rows if batch.advantages[i].any()]
         return rows, self._chunks(rows, batch)
 
@@ -381,11 +381,12 @@ class TorchBackend(Backend):
         rows: list[int],
         chunks: list[list[int]],
         sums: dict[str, float],
+        kl_on: bool,
         reference: Iterator[torch.Tensor] | None = None,
     ) -> tuple[int, int, int, int, float]:
         """Forward/backward over ``rows`` in micro-batches ``chunks`` (see :meth:`_plan`), then one
-        clipped AdamW step. ``reference`` yields each micro-batch's reference log-softmax, in order,
-        when the forward KL is on.
+        clipped AdamW step. ``kl_on``: the sampled KL term is on; ``reference`` yields each
+        micro-batch's reference log-softmax, in order, when the forward KL is on.
 
         Adds per-token diagnostics to ``sums``; returns (tokens, fed, fed_real, trained rows, grad norm).
         """
@@ -394,7 +395,6 @@ class TorchBackend(Backend):
         temperature = self.temperature
         tis = loss_cfg.tis_cap if loss_cfg.old_logprobs == "recompute" else None
         forward_on = reference is not None
-        kl_on = loss_cfg.kl_coef > 0 and (batch.ref_logprobs is not None or forward_on)
         self.optimizer.zero_grad(set_to_none=True)
         n_tokens = fed = fed_real = 0
         for idx in chunks:
