@@ -118,7 +118,7 @@ class FilterConfig(_Section):
     the step trains on the informative tasks it has."""
     anchor_collapsed: int = Field(0, ge=0)
     """Dynamic sampling: keep up to this many *collapsed* tasks a step beside the informative ones
-    (sync: from the step's rounds; async: from the tasks the step discarded). Collapsed: every
+    (sync: from the step's rounds; async: from the step's uninformative tasks, discarded or taken). Collapsed: every
     rollout failed alike and at least ``collapse_share`` of them gave the same answer (a policy sure
     of a wrong answer, not one that has not found the right one yet). GRPO gives them advantage 0,
     so only the KL terms and the entropy bonus act on them; with ``loss.forward_kl_rows:

@@ -714,8 +714,13 @@ class UnifiedTrainer:
                 discarded = [e for r in coord.discarded for e in r.episodes]
                 generated = episodes + discarded if discarded else None
                 anchored: dict[str, float] = {}
-                if self.config.algorithm.filter.anchor_collapsed:  # from the tasks this step discarded
-                    episodes += self._anchors({e.task_id for e in episodes}, discarded, anchored)
+                if self.config.algorithm.filter.anchor_collapsed:
+                    # From every uninformative task of the step: those it discarded and, once the
+                    # discard budget ran out, those it took (which the uniform filter would drop).
+                    informative = {r.episodes[0].task_id for r in results if r.episodes and keep and keep(r)}
+                    taken = {id(e) for e in episodes}
+                    pool = [e for e in episodes if e.task_id not in informative] + discarded
+                    episodes += [e for e in self._anchors(informative, pool, anchored) if id(e) not in taken]
                 epoch = min(r.epoch for r in results)
                 batch = [r.episodes[0].task if r.episodes else None for r in results]
                 state = self._new_state(epoch=epoch, batch=batch)

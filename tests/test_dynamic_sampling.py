@@ -106,8 +106,23 @@ def test_collapsed_tasks_are_kept_beside_the_informative_ones_with_advantage_zer
         assert len(set(record["task_ids"])) == 4 + a  # the batch, plus the anchored tasks
     for m in metrics.values():
         assert m["filter/dropped_uniform"] == 0  # kept through the uniform-reward filter
-        if mode == "async":  # anchors come from the step's discarded tasks, never more of them
-            assert m["dynamic/anchored_tasks"] <= m["dynamic/discarded_tasks"]
+
+
+def test_async_anchors_also_come_from_uninformative_tasks_taken_once_the_discard_budget_is_spent(tmp_path):
+    # one round: nothing may be discarded, so every uninformative task is taken into the batch
+    backend, metrics = run(
+        tmp_path,
+        "async",
+        simulated={"response_tokens": 1, "seed": 3},
+        algorithm={"filter": {"max_sample_rounds": 1, "anchor_collapsed": 3, "collapse_share": 0.1}},
+    )
+    assert all(m.get("dynamic/discarded_tasks", 0.0) == 0 for m in metrics.values())
+    anchored = [m["dynamic/anchored_tasks"] for m in metrics.values()]
+    assert max(anchored) > 0 and all(a <= 3 for a in anchored)
+    for record, m in zip(backend.trained, metrics.values(), strict=True):
+        # the anchored tasks are trained (once each) beside the informative ones
+        assert m["filter/groups_kept"] == len(set(record["task_ids"])) == len(record["task_ids"])
+        assert m["filter/groups_kept"] + m["filter/dropped_uniform"] == m["filter/groups_in"]
 
 
 def test_anchoring_collapsed_tasks_needs_dynamic_sampling(tmp_path):
