@@ -694,9 +694,10 @@ class UnifiedTrainer:
         gen_task = asyncio.create_task(self._generation_loop(coord))
         last_end = time.perf_counter()
         last_gen_busy = 0.0
+        from rllm_core.advantages import is_informative
+
         keep, max_discards = None, 0
         if self.config.algorithm.filter.dynamic_sampling:
-            from rllm_core.advantages import is_informative
 
             def keep(result: TaskResult) -> bool:
                 return is_informative(result.episodes)
@@ -715,12 +716,12 @@ class UnifiedTrainer:
                 generated = episodes + discarded if discarded else None
                 anchored: dict[str, float] = {}
                 if self.config.algorithm.filter.anchor_collapsed:
-                    # From every uninformative task of the step: those it discarded and, once the
-                    # discard budget ran out, those it took (which the uniform filter would drop).
-                    informative = {r.episodes[0].task_id for r in results if r.episodes and keep and keep(r)}
+                    # As in sync mode, from everything the step generated outside its informative
+                    # tasks: what it discarded and, once the discard budget ran out, what it took.
+                    informative = {r.episodes[0].task_id for r in results if is_informative(r.episodes)}
                     taken = {id(e) for e in episodes}
-                    pool = [e for e in episodes if e.task_id not in informative] + discarded
-                    episodes += [e for e in self._anchors(informative, pool, anchored) if id(e) not in taken]
+                    anchors = self._anchors(informative, episodes + discarded, anchored)
+                    episodes += [e for e in anchors if id(e) not in taken]  # the discarded ones
                 epoch = min(r.epoch for r in results)
                 batch = [r.episodes[0].task if r.episodes else None for r in results]
                 state = self._new_state(epoch=epoch, batch=batch)
