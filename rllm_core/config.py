@@ -117,12 +117,13 @@ class FilterConfig(_Section):
     """Dynamic sampling: at most this many batches' worth of tasks generated for one step; past it
     the step trains on the informative tasks it has."""
     anchor_collapsed: int = Field(0, ge=0)
-    """Dynamic sampling: keep up to this many *collapsed* tasks a step beside the informative ones
-    (sync: from the step's rounds; async: from the step's uninformative tasks, discarded or taken). Collapsed: every
-    rollout failed alike and at least ``collapse_share`` of them gave the same answer (a policy sure
-    of a wrong answer, not one that has not found the right one yet). GRPO gives them advantage 0,
-    so only the KL terms and the entropy bonus act on them; with ``loss.forward_kl_rows:
-    no_signal`` the forward KL pulls exactly them back toward the reference. 0: off."""
+    """Dynamic sampling: keep up to this many *collapsed* tasks a step beside the informative ones,
+    from everything the step generated (sync: its rounds; async: the tasks it took or discarded).
+    Collapsed: every rollout failed alike and at least ``collapse_share`` of them gave the same
+    answer (a policy sure of a wrong answer, not one that has not found the right one yet). GRPO
+    gives them advantage 0, so only the KL terms and the entropy bonus act on them; with
+    ``loss.forward_kl_rows: no_signal`` the forward KL pulls exactly them back toward the
+    reference. 0: off."""
     collapse_share: float = Field(0.5, gt=0, le=1)
     """``anchor_collapsed``: the share of a task's rollouts that must give the same wrong answer."""
     min_group_size: int = Field(1, ge=1)
