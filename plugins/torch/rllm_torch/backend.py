@@ -30,7 +30,6 @@ import random
 import threading
 import time
 import warnings
-from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
@@ -330,11 +329,11 @@ class TorchBackend(Backend):
             plans = [self._plan(batch, part, every_row=kl_on or forward_on) for part in parts]
             reference = None
             if forward_on:
-                # The reference's pass of micro-batch k + 1 runs on its own thread (the other core)
-                # while the policy's forward and backward of micro-batch k run here.
+                # The reference's passes run on their own thread (the other core), one micro-batch
+                # ahead: each beside the policy's backward of the micro-batch before and forward of its own.
                 chunks = [idx for _, part_chunks in plans for idx in part_chunks]
                 executor = self._reference_executor if self._overlap_reference else None
-                reference = _prefetched(executor, partial(self._reference_log_softmax, batch), chunks)
+                reference = _Prefetched(executor, partial(self._reference_log_softmax, batch), chunks)
             for part, (kept, part_chunks) in zip(parts, plans, strict=True):
                 weights = rows.loss_weights(loss_cfg.agg_mode, factor, rows=part)
                 batch.weights = [weights[cuts[r] : offsets[r + 1]].astype(np.float32) for r in range(len(batch))]
@@ -398,8 +397,6 @@ class TorchBackend(Backend):
         self.optimizer.zero_grad(set_to_none=True)
         n_tokens = fed = fed_real = 0
         for idx in chunks:
-            # first: it also sends the next micro-batch's reference pass off, to run beside this one
-            ref_logsm = next(reference) if reference is not None else None
 
             def flat(values: list[np.ndarray], idx: list[int] = idx) -> torch.Tensor:
                 return torch.from_numpy(np.concatenate([values[i] for i in idx])).to(self.device)
@@ -413,6 +410,9 @@ class TorchBackend(Backend):
                 share_prompts=share,
             )
             sel, targets = sel[on], targets[on]
+            # After the policy's forward, which ran beside this micro-batch's reference pass; this
+            # sends the next one's off, to run beside the backward.
+            ref_logsm = next(reference) if reference is not None else None
             if temperature != 1.0:
                 sel = sel.float() / temperature
             padded, real = _forward_tokens([batch.prompts[i] for i in idx], [batch.responses[i] for i in idx], share)
@@ -461,7 +461,7 @@ class TorchBackend(Backend):
                 for key, val in stats.items():
                     sums[key] = sums.get(key, 0.0) + float(val.float().sum())
             n_tokens += int(targets.numel())
-            del sel
+            del sel, ref_logsm  # the next micro-batch's reference result is already on its way
         params = [p for p in self.policy.parameters() if p.requires_grad]
         for p in params:
             if p.grad is None:  # every row skipped: a zero gradient, so AdamW still does its step
@@ -597,19 +597,46 @@ class _NullLock:
 _NULL_LOCK = _NullLock()
 
 
-def _prefetched(executor: Executor | None, fn: Callable[[Any], Any], items: list[Any]) -> Iterator[Any]:
-    """``fn(item)`` for each item, in order, computed on ``executor`` one item ahead of the consumer
-    (at most two results alive at once); without an executor, in the consumer's thread when asked."""
-    if executor is None:
-        yield from map(fn, items)
-        return
-    ahead: deque[Future] = deque()
-    for item in items:
-        ahead.append(executor.submit(fn, item))
-        if len(ahead) > 1:
-            yield ahead.popleft().result()
-    while ahead:
-        yield ahead.popleft().result()
+class _Prefetched:
+    """``fn(item)`` for each item, in order, computed on ``executor`` one item ahead of the consumer:
+    the first item starts at construction, and each ``next()`` starts the item after the one it
+    returns (so at most two results are alive at once). Without an executor, each item is computed
+    in the consumer's thread when asked."""
+
+    def __init__(self, executor: Executor | None, fn: Callable[[Any], Any], items: list[Any]) -> None:
+        self._executor, self._fn, self._items = executor, fn, iter(items)
+        self._ahead = self._start()
+
+    def _start(self) -> Future | _Inline | None:
+        item = next(self._items, _END)
+        if item is _END:
+            return None
+        if self._executor is None:
+            return _Inline(self._fn, item)
+        return self._executor.submit(self._fn, item)
+
+    def __iter__(self) -> _Prefetched:
+        return self
+
+    def __next__(self) -> Any:
+        current = self._ahead
+        if current is None:
+            raise StopIteration
+        self._ahead = self._start()
+        return current.result()
+
+
+_END = object()
+
+
+class _Inline:
+    """A not-yet-computed ``fn(item)``, run by ``result()`` in the caller's thread."""
+
+    def __init__(self, fn: Callable[[Any], Any], item: Any) -> None:
+        self._fn, self._item = fn, item
+
+    def result(self) -> Any:
+        return self._fn(self._item)
 
 
 def _forward_tokens(prompts: list[list[int]], responses: list[list[int]], share: bool) -> tuple[int, int]:

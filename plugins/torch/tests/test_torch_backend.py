@@ -274,24 +274,31 @@ def test_with_both_kl_terms_the_reference_runs_once_per_micro_batch_and_k3_is_un
 def test_prefetched_keeps_order_and_runs_one_item_ahead_on_the_executor():
     from concurrent.futures import ThreadPoolExecutor
 
-    from rllm_torch.backend import _prefetched
+    from rllm_torch.backend import _Prefetched
 
     started: list[tuple[int, str]] = []
+    first = threading.Event()
 
     def work(i: int) -> int:
         started.append((i, threading.current_thread().name))
+        if i == 0:
+            first.set()
         return i * i
 
     with ThreadPoolExecutor(1, thread_name_prefix="ahead") as ex:
+        ahead = _Prefetched(ex, work, list(range(5)))
+        assert first.wait(5)  # the first item starts at construction, before anyone asks for it
         out = []
-        for k, value in enumerate(_prefetched(ex, work, list(range(5)))):
+        for k, value in enumerate(ahead):
             out.append(value)
             assert max(i for i, _ in started) <= k + 1  # never more than one item ahead of the consumer
         assert out == [0, 1, 4, 9, 16]
         assert all(name.startswith("ahead") for _, name in started)
-    inline = _prefetched(None, work, [3, 4])
     started.clear()
+    inline = _Prefetched(None, work, [3, 4])
+    assert started == []
     assert next(inline) == 9 and started == [(3, threading.current_thread().name)]  # lazily, here
+    assert list(inline) == [16]
 
 
 def test_prompt_sharing_and_zero_advantage_skipping_give_the_same_update():
