@@ -61,6 +61,70 @@ def test_reward_output_sets_is_correct_and_async_reward_works(tmp_path):
     assert all(e.trajectories[0].reward == 0.5 and not e.is_correct for e in episodes)
 
 
+def test_async_rewards_that_wait_hang_or_raise(tmp_path):
+    """An async reward runs in the episode's task up to its first wait; from there on the timeout
+    holds. One that finishes at once, waits then finishes, hangs, or raises before or after waiting."""
+    cleaned = []
+
+    async def reward(task, action):
+        kind = task["kind"]
+        if kind == "raise_now":
+            raise ValueError("bad answer format")
+        if kind == "at_once":
+            return 1.0
+        try:
+            await asyncio.sleep(10 if kind == "hang" else 0.01)
+        finally:
+            cleaned.append(kind)  # the hung call is cancelled inside the reward, not abandoned
+        if kind == "raise_later":
+            raise ValueError("judge said no")
+        return 0.75
+
+    kinds = ["at_once", "wait", "hang", "raise_now", "raise_later"]
+    tasks = [{"id": k, "kind": k, "question": "What is 1+2?"} for k in kinds]
+    cfg = simulated_config(tmp_path, rollout={"n": 1}, reward={"name": "x", "timeout": 0.2})
+    eng = WorkflowEngine(answer_wf, cfg, SimulatedBackend(cfg).init_rollout_engine(), reward_fn=reward)
+    start = time.perf_counter()
+    episodes = asyncio.run(eng.execute_tasks(tasks))
+    assert time.perf_counter() - start < 5
+    rewards = {e.task_id: e.trajectories[0].reward for e in episodes}
+    assert rewards == {"at_once": 1.0, "wait": 0.75, "hang": 0.0, "raise_now": 0.0, "raise_later": 0.0}
+    assert eng.pop_counters() == {"reward/timeouts": 1.0, "reward/errors": 2.0}
+    errors = {e.task_id: e.info.get("reward_error", "") for e in episodes}
+    assert "reward.timeout=0.2s" in errors["hang"] and "bad answer format" in errors["raise_now"]
+    assert "judge said no" in errors["raise_later"] and not errors["wait"] and not errors["at_once"]
+    assert sorted(cleaned) == ["hang", "raise_later", "wait"]
+
+
+def test_a_cancelled_episode_cancels_the_async_reward_it_is_waiting_on(tmp_path):
+    seen = []
+
+    async def reward(task, action):
+        seen.append("waiting")
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+        return 1.0
+
+    cfg = simulated_config(tmp_path, rollout={"n": 1}, reward={"name": "x", "timeout": 30})
+    eng = WorkflowEngine(answer_wf, cfg, SimulatedBackend(cfg).init_rollout_engine(), reward_fn=reward)
+
+    async def main():
+        run = asyncio.ensure_future(eng.execute_tasks(TASKS[:1]))
+        for _ in range(500):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+
+    asyncio.run(main())
+    assert seen == ["waiting", "cancelled"]
+
+
 def test_reward_left_alone_when_workflow_set_it(tmp_path):
     async def wf(task, engine):
         return Episode(trajectories=[Trajectory(reward=2.0, steps=[Step(action="zzz")])], is_correct=True)
