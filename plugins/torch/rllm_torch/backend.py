@@ -215,7 +215,14 @@ class TorchBackend(Backend):
             need = [i for i, (lp, m) in enumerate(zip(batch.old_logprobs, batch.masks, strict=True)) if _unknown(lp, m)]
             for idx in self._chunks(need, batch):
                 rows = [(batch.prompts[i], batch.responses[i]) for i in idx]
-                lps = score(self.policy, rows, pad_id=self._pad, share_prompts=share, temperature=self.temperature)
+                lps = score(
+                    self.policy,
+                    rows,
+                    pad_id=self._pad,
+                    share_prompts=share,
+                    share_rows=self._share_rows,
+                    temperature=self.temperature,
+                )
                 for i, lp in zip(idx, lps, strict=True):
                     batch.old_logprobs[i] = np.asarray(lp, dtype=np.float32) * batch.masks[i]
             loss = self.config.algorithm.loss
@@ -231,6 +238,7 @@ class TorchBackend(Backend):
                             rows,
                             pad_id=self._pad,
                             share_prompts=share,
+                            share_rows=self._share_rows,
                             temperature=self.temperature,
                         )
                     for i, lp in zip(idx, lps, strict=True):
@@ -246,6 +254,10 @@ class TorchBackend(Backend):
         # one thread each); an accelerator queues both threads' kernels anyway.
         cores = os.cpu_count() or 1
         return self.device.type != "cpu" or 2 * torch.get_num_threads() <= cores
+
+    @property
+    def _share_rows(self) -> bool:
+        return self._share_prompts and self.cfg.share_identical_rows
 
     @property
     def _share_prompts(self) -> bool:
@@ -408,6 +420,7 @@ class TorchBackend(Backend):
                 [(batch.prompts[i], batch.responses[i]) for i in idx],
                 pad_id=self._pad,
                 share_prompts=share,
+                share_rows=self._share_rows,
             )
             sel, targets = sel[on], targets[on]
             # After the policy's forward, which ran beside this micro-batch's reference pass; this
@@ -415,7 +428,9 @@ class TorchBackend(Backend):
             ref_logsm = next(reference) if reference is not None else None
             if temperature != 1.0:
                 sel = sel.float() / temperature
-            padded, real = _forward_tokens([batch.prompts[i] for i in idx], [batch.responses[i] for i in idx], share)
+            padded, real = _forward_tokens(
+                [batch.prompts[i] for i in idx], [batch.responses[i] for i in idx], share, self._share_rows
+            )
             fed, fed_real = fed + padded, fed_real + real
             logp = token_logprobs(sel, targets)
             tis_weight = None
@@ -484,6 +499,7 @@ class TorchBackend(Backend):
                 [(batch.prompts[i], batch.responses[i]) for i in idx],
                 pad_id=self._pad,
                 share_prompts=self._share_prompts,
+                share_rows=self._share_rows,
             )
             return torch.log_softmax(sel[on].float() / self.temperature, dim=-1)
 
@@ -639,8 +655,13 @@ class _Inline:
         return self._fn(self._item)
 
 
-def _forward_tokens(prompts: list[list[int]], responses: list[list[int]], share: bool) -> tuple[int, int]:
+def _forward_tokens(
+    prompts: list[list[int]], responses: list[list[int]], share: bool, share_rows: bool = False
+) -> tuple[int, int]:
     """Tokens one micro-batch feeds through the model (see ``response_logits``): padded, and real."""
+    if share and share_rows:  # identical rows run once
+        rows = list({(tuple(p), tuple(r)): None for p, r in zip(prompts, responses, strict=True)})
+        prompts, responses = [list(p) for p, _ in rows], [list(r) for _, r in rows]
     n, r_w = len(prompts), max(len(r) for r in responses)
     distinct = {tuple(p) for p in prompts}
     rest = sum(len(r) - 1 for r in responses)

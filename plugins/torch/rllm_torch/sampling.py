@@ -234,7 +234,12 @@ def generate(
 
 
 def response_logits(
-    model: Any, rows: list[tuple[list[int], list[int]]], *, pad_id: int, share_prompts: bool = True
+    model: Any,
+    rows: list[tuple[list[int], list[int]]],
+    *,
+    pad_id: int,
+    share_prompts: bool = True,
+    share_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits predicting every response token, and those tokens: flat, rows in order, tokens in order.
 
@@ -243,8 +248,35 @@ def response_logits(
     and its KV cache is gathered per row (gradients flow back through the gather), then the
     responses run against that cache: the structure of the sampler's own pass, at roughly
     ``unique_prompt_tokens + response_tokens`` instead of ``rows * (prompt + response)`` tokens.
+    With ``share_rows`` as well, identical rows run once, their logits gathered per row: a group's
+    answers repeat as the policy sharpens (most of the ``n`` samples of a solved prompt are the same).
     The last response token is never fed (nothing is predicted from it).
     """
+    if share_prompts and share_rows:
+        first: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+        owner = [first.setdefault((tuple(p), tuple(r)), len(first)) for p, r in rows]
+        if len(first) < len(rows):
+            distinct = [(list(p), list(r)) for p, r in first]
+            logits, targets = _response_logits(model, distinct, pad_id=pad_id, share_prompts=True)
+            idx = torch.from_numpy(_row_positions([len(r) for _, r in distinct], owner)).to(logits.device)
+            return logits.index_select(0, idx), targets.index_select(0, idx)
+    return _response_logits(model, rows, pad_id=pad_id, share_prompts=share_prompts)
+
+
+def _row_positions(lengths: list[int], owner: list[int]) -> np.ndarray:
+    """Flat positions, in the flat output of the distinct rows (``lengths`` tokens each), of the
+    tokens of each row in turn (row ``i`` is distinct row ``owner[i]``)."""
+    lens = np.asarray(lengths, dtype=np.int64)
+    starts = np.cumsum(lens) - lens
+    own = np.asarray(owner, dtype=np.int64)
+    per_row = lens[own]
+    first_of_row = np.cumsum(per_row) - per_row
+    return np.repeat(starts[own] - first_of_row, per_row) + np.arange(int(per_row.sum()), dtype=np.int64)
+
+
+def _response_logits(
+    model: Any, rows: list[tuple[list[int], list[int]]], *, pad_id: int, share_prompts: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     device = next(model.parameters()).device
     uniq: dict[tuple[int, ...], int] = {}
     owner = [uniq.setdefault(tuple(p), len(uniq)) for p, _ in rows]
@@ -308,6 +340,7 @@ def score(
     *,
     pad_id: int,
     share_prompts: bool = True,
+    share_rows: bool = False,
     temperature: float = 1.0,
 ) -> list[list[float]]:
     """Teacher-forced logprobs of each response following its prompt under ``softmax(logits / temperature)``."""
@@ -316,7 +349,9 @@ def score(
     out: list[list[float]] = [[] for _ in rows]
     if not keep:
         return out
-    logits, targets = response_logits(model, [rows[i] for i in keep], pad_id=pad_id, share_prompts=share_prompts)
+    logits, targets = response_logits(
+        model, [rows[i] for i in keep], pad_id=pad_id, share_prompts=share_prompts, share_rows=share_rows
+    )
     if temperature != 1.0:
         logits = logits.float() / temperature
     flat = token_logprobs(logits, targets).tolist()

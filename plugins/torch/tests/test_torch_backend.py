@@ -319,6 +319,25 @@ def test_prompt_sharing_and_zero_advantage_skipping_give_the_same_update():
         torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-4)
 
 
+def test_identical_rows_switch_gives_the_same_update_from_fewer_tokens():
+    """``torch.share_identical_rows``: a group whose answers repeat trains as before (same gradient,
+    KL and entropy terms included), feeding each distinct row once."""
+    extra = {"algorithm.loss.kl_coef": "0.1", "algorithm.loss.forward_kl_coef": "0.5", "torch.entropy_coef": "0.01"}
+    plain = backend(**extra)
+    dedup = backend(**extra, **{"torch.share_identical_rows": "true"})
+    outs = _sample(plain, n=4, max_tokens=3)
+    copies = [outs[0], outs[0], outs[0], outs[1], outs[1], outs[2], outs[3], outs[3]]
+    groups = groups_from_outputs(copies, [1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0], task_id="a")
+    m_plain = _train(plain, groups).metrics
+    m_dedup = _train(dedup, groups).metrics
+    assert m_dedup["actor/forward_tokens"] < m_plain["actor/forward_tokens"]
+    for key in ("actor/grad_norm", "actor/kl", "actor/forward_kl", "actor/entropy"):
+        assert m_dedup[key] == pytest.approx(m_plain[key], rel=1e-4), key
+    grads = {n: p.grad for n, p in dedup.policy.named_parameters()}
+    for name, p in plain.policy.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-4)
+
+
 def test_the_thread_count_holds_in_the_sampler_and_trainer_threads():
     """torch.set_num_threads binds only the calling thread's OpenMP team: the backend's own threads
     must get the setting too, or their kernels run on every core whatever was configured."""

@@ -138,6 +138,43 @@ def test_shared_prompt_scoring_matches_full_sequences(be):
     assert max(diffs) < 1e-5
 
 
+def test_identical_rows_run_once_and_get_the_gradient_of_every_copy(be):
+    """A group's repeated answers: each distinct row is fed once, every copy gets its logits, and the
+    gradient through the gather is the sum over the copies, as in one pass per row."""
+    import random
+
+    import torch
+    from rllm_torch.sampling import response_logits, token_logprobs
+
+    rng = random.Random(2)
+    prompts = [[rng.randrange(6, 27) for _ in range(n)] for n in (3, 6)]
+    answers = [[rng.randrange(6, 27) for _ in range(rng.randint(1, 4))] for _ in range(5)]
+    rows = [(rng.choice(prompts), list(rng.choice(answers))) for _ in range(30)]
+    distinct = {(tuple(p), tuple(r)) for p, r in rows}
+    assert len(distinct) < len(rows)
+    weights = torch.tensor([rng.uniform(-1, 1) for _, r in rows for _ in r])
+    model, pad = be.policy, be.tokenizer.pad_token_id
+
+    fed: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: fed.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    grads = {}
+    for share in (True, False):
+        model.zero_grad(set_to_none=True)
+        fed.clear()
+        logits, targets = response_logits(model, rows, pad_id=pad, share_prompts=share, share_rows=share)
+        assert targets.tolist() == [t for _, r in rows for t in r]
+        (token_logprobs(logits, targets) * weights).sum().backward()
+        grads[share] = ({n: p.grad.clone() for n, p in model.named_parameters()}, logits.detach(), list(fed))
+    hook.remove()
+    model.zero_grad(set_to_none=True)
+    (g_shared, l_shared, fed_shared), (g_plain, l_plain, fed_plain) = grads[True], grads[False]
+    torch.testing.assert_close(l_shared, l_plain, atol=1e-5, rtol=1e-5)
+    for name, g in g_plain.items():
+        torch.testing.assert_close(g_shared[name], g, atol=1e-6, rtol=1e-4)
+    assert fed_plain == [len(rows)]
+    assert fed_shared == [len({p for p, _ in distinct}), len(distinct)]  # distinct prompts, then distinct rows
+
+
 def test_rows_that_finish_leave_the_decoding_batch_and_the_rest_decode_as_if_alone(be):
     """Budgets 1-6 and a stop token: later forwards see only the rows still decoding, and every row's
     tokens and logprobs are those it gets when generated alone (greedy)."""
