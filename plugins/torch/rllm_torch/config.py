@@ -111,8 +111,8 @@ class TorchBackendConfig(_Section):
     """With ``share_prompt_prefix``, also run identical rows once (their logits gathered per row, the
     gradient summed over the copies): a group's answers repeat as the policy sharpens, and late in
     the main job a third of the tokens went. Exact up to float rounding. Off by default: on its
-    rounding the main job's recipe stopped at 89 facts of 100 on seed 0 (a family of answers whose
-    end-of-turn died, which the anchor's same-answer test does not see)."""
+    rounding the main job's recipe stopped at 89 facts of 100 on seed 0 (it lost the ten sums of 9
+    and 7+7, and its answers there spread out, which the anchor's same-answer test does not see)."""
     skip_zero_advantage: bool = True
     """Leave out of the forward/backward the rows whose advantages are all 0 (e.g. GRPO groups with
     equal rewards): they add exactly 0 to the gradient. Only when ``entropy_coef`` is 0 and there is
