@@ -720,7 +720,7 @@ class UnifiedTrainer:
                     # tasks: what it discarded and, once the discard budget ran out, what it took.
                     informative = {r.episodes[0].task_id for r in results if is_informative(r.episodes)}
                     taken = {id(e) for e in episodes}
-                    anchors = self._anchors(informative, episodes + discarded, anchored)
+                    anchors = self._anchors(informative, generated or episodes, anchored)
                     episodes += [e for e in anchors if id(e) not in taken]  # the discarded ones
                 epoch = min(r.epoch for r in results)
                 batch = [r.episodes[0].task if r.episodes else None for r in results]
