@@ -46,7 +46,7 @@ from rllm_torch.config import TorchBackendConfig
 from rllm_torch.engine import SamplerRuntime, TorchRolloutEngine, _copy_weights, torch_threads_executor
 from rllm_torch.losses import LOSSES, kl_penalty, policy_loss
 from rllm_torch.model import load_model_and_tokenizer, rebuild_from_checkpoint, write_meta
-from rllm_torch.sampling import response_logits, score, token_logprobs
+from rllm_torch.sampling import distinct_rows, response_logits, score, token_logprobs
 
 __all__ = ["TorchBackend", "TrainBatch"]
 
@@ -402,7 +402,7 @@ class TorchBackend(Backend):
         Adds per-token diagnostics to ``sums``; returns (tokens, fed, fed_real, trained rows, grad norm).
         """
         loss_cfg = self.config.algorithm.loss
-        share = self._share_prompts
+        share, share_rows = self._share_prompts, self._share_rows
         temperature = self.temperature
         tis = loss_cfg.tis_cap if loss_cfg.old_logprobs == "recompute" else None
         forward_on = reference is not None
@@ -420,7 +420,7 @@ class TorchBackend(Backend):
                 [(batch.prompts[i], batch.responses[i]) for i in idx],
                 pad_id=self._pad,
                 share_prompts=share,
-                share_rows=self._share_rows,
+                share_rows=share_rows,
             )
             sel, targets = sel[on], targets[on]
             # After the policy's forward, which ran beside this micro-batch's reference pass; this
@@ -429,7 +429,7 @@ class TorchBackend(Backend):
             if temperature != 1.0:
                 sel = sel.float() / temperature
             padded, real = _forward_tokens(
-                [batch.prompts[i] for i in idx], [batch.responses[i] for i in idx], share, self._share_rows
+                [batch.prompts[i] for i in idx], [batch.responses[i] for i in idx], share, share_rows
             )
             fed, fed_real = fed + padded, fed_real + real
             logp = token_logprobs(sel, targets)
@@ -660,8 +660,8 @@ def _forward_tokens(
 ) -> tuple[int, int]:
     """Tokens one micro-batch feeds through the model (see ``response_logits``): padded, and real."""
     if share and share_rows:  # identical rows run once
-        rows = list({(tuple(p), tuple(r)): None for p, r in zip(prompts, responses, strict=True)})
-        prompts, responses = [list(p) for p, _ in rows], [list(r) for _, r in rows]
+        rows, _ = distinct_rows(list(zip(prompts, responses, strict=True)))
+        prompts, responses = [p for p, _ in rows], [r for _, r in rows]
     n, r_w = len(prompts), max(len(r) for r in responses)
     distinct = {tuple(p) for p in prompts}
     rest = sum(len(r) - 1 for r in responses)

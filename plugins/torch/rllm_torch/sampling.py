@@ -253,14 +253,21 @@ def response_logits(
     The last response token is never fed (nothing is predicted from it).
     """
     if share_prompts and share_rows:
-        first: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
-        owner = [first.setdefault((tuple(p), tuple(r)), len(first)) for p, r in rows]
-        if len(first) < len(rows):
-            distinct = [(list(p), list(r)) for p, r in first]
+        distinct, owner = distinct_rows(rows)
+        if len(distinct) < len(rows):
             logits, targets = _response_logits(model, distinct, pad_id=pad_id, share_prompts=True)
             idx = torch.from_numpy(_row_positions([len(r) for _, r in distinct], owner)).to(logits.device)
             return logits.index_select(0, idx), targets.index_select(0, idx)
     return _response_logits(model, rows, pad_id=pad_id, share_prompts=share_prompts)
+
+
+def distinct_rows(
+    rows: list[tuple[list[int], list[int]]],
+) -> tuple[list[tuple[list[int], list[int]]], list[int]]:
+    """The distinct ``(prompt, response)`` rows in first-seen order, and for each row its index there."""
+    first: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}
+    owner = [first.setdefault((tuple(p), tuple(r)), len(first)) for p, r in rows]
+    return [(list(p), list(r)) for p, r in first], owner
 
 
 def _row_positions(lengths: list[int], owner: list[int]) -> np.ndarray:
