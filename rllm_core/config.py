@@ -25,6 +25,7 @@ __all__ = [
     "AsyncConfig",
     "ConfigError",
     "DataConfig",
+    "ExploreConfig",
     "FilterConfig",
     "LossConfig",
     "OptimConfig",
@@ -87,6 +88,21 @@ class DataConfig(_Section):
     """Task field that splits validation metrics per data source."""
 
 
+class ExploreConfig(_Section):
+    """Exploration for tasks the policy cannot solve at all (``rollout.explore``)."""
+
+    temperature: float | None = Field(None, gt=0)
+    """A task none of whose rollouts was correct in its latest group is sampled at this temperature
+    until one is, and those rollouts are trained at it (their old logprobs are the tempered ones, so
+    the ratio stays exact). A token that every other task pushes down (the one answer digit only a
+    few facts need) can sink so low that no group at temperature 1 ever finds it; tempered rollouts
+    do, and dynamic sampling trains only the groups that succeed. None: off. Needs a backend that
+    trains each row at its own temperature (the torch backend)."""
+    after_correct: float = Field(0.5, ge=0, le=1)
+    """Tasks join only once a step's rollouts are at least this fraction correct: early on nearly
+    every task fails, and tempering them all slows the first successes."""
+
+
 class RolloutConfig(_Section):
     n: int = Field(8, ge=1)
     """Rollouts per task in training (the group size)."""
@@ -103,6 +119,8 @@ class RolloutConfig(_Section):
     reasoning_parser: str | None = None
     """Registered reasoning parser (``think``: ``<think>...</think>``) that moves reasoning out of the
     content into ``ModelOutput.reasoning``; None: no parsing."""
+    explore: ExploreConfig = Field(default_factory=ExploreConfig)
+    """Tempered sampling of the tasks no rollout solves (see :class:`ExploreConfig`)."""
 
 
 class FilterConfig(_Section):

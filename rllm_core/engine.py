@@ -183,10 +183,18 @@ class PromptCache:
 class SamplingEngine:
     """An engine with train or validation sampling defaults bound in (what workflows receive)."""
 
-    def __init__(self, engine: RolloutEngine, sampling: Mapping[str, Any] | None = None, is_validation: bool = False):
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        sampling: Mapping[str, Any] | None = None,
+        is_validation: bool = False,
+        forced: Mapping[str, Any] | None = None,
+    ):
         self.engine = engine
         self.sampling = dict(sampling or {})
         self.is_validation = is_validation
+        self.forced = dict(forced or {})
+        """Sampling arguments that win even over a call's own (``rollout.explore``'s temperature)."""
 
     @property
     def weight_version(self) -> int:
@@ -204,12 +212,12 @@ class SamplingEngine:
         self, messages: Messages, *, tools: Tools | None = None, **sampling: Any
     ) -> ModelOutput:
         return await self.engine.get_model_response(
-            messages, tools=tools, is_validation=self.is_validation, **{**self.sampling, **sampling}
+            messages, tools=tools, is_validation=self.is_validation, **{**self.sampling, **sampling, **self.forced}
         )
 
     async def get_token_response(self, token_input: TokenInput, **sampling: Any) -> ModelOutput:
         return await self.engine.get_token_response(
-            token_input, is_validation=self.is_validation, **{**self.sampling, **sampling}
+            token_input, is_validation=self.is_validation, **{**self.sampling, **sampling, **self.forced}
         )
 
     async def encode_messages(

@@ -93,6 +93,9 @@ class Backend:
 
     name: ClassVar[str] = "backend"
     config_model: ClassVar[Any] = None
+    trains_row_temperature: ClassVar[bool] = False
+    """Whether the loss uses each row's own sampling temperature (``TokenRows.temperature``), which
+    ``rollout.explore`` needs; the trainer refuses that setting otherwise."""
 
     def __init__(self, config: RLLMConfig) -> None:
         self.config = config

@@ -19,8 +19,9 @@ token by token, flat over all rows (row ``r`` is ``offsets[r]:offsets[r + 1]``):
 
 Per row: ``tokens`` (ints, or opaque prompt chunks passed through untouched: each is one position),
 ``prompt_lens`` (positions before the first action token), group, role, rollout and trajectory
-index, weight versions (min/max over its steps), the episode's termination reason, and whether a
-step of it was cut by the length limit (``truncated``). Per step: the row it is in and its span.
+index, weight versions (min/max over its steps), the episode's termination reason, whether a
+step of it was cut by the length limit (``truncated``), and the temperature it was sampled at when
+that is not the run's (``temperature``: ``rollout.explore``). Per step: the row it is in and its span.
 
 Trajectories whose episode ended for a reason in ``mask_reasons`` are left out (they stay in their
 group's baseline; they are simply not trained on), and so are rows with a truncated step when
@@ -46,13 +47,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from rllm_core.config import OptimConfig
 
-__all__ = ["AGG_MODES", "ROW_BREAK_KEY", "RowView", "TokenRows", "build_rows", "mini_batches"]
+__all__ = ["AGG_MODES", "ROW_BREAK_KEY", "TEMPERATURE_KEY", "RowView", "TokenRows", "build_rows", "mini_batches"]
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 ROW_BREAK_KEY = "row_break"
 """``step.info[ROW_BREAK_KEY] = "reason"`` starts a new row at that step (a workflow that edited its
 history, e.g. compaction); the break is counted under that reason."""
+
+TEMPERATURE_KEY = "sampling_temperature"
+"""``episode.info[TEMPERATURE_KEY] = T``: the episode's rollouts were sampled at temperature ``T``
+rather than the run's training temperature (``rollout.explore``); its rows are trained at ``T``."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,9 @@ class TokenRows:
     """The episode's termination reason per row (``unknown`` without episodes)."""
     truncated: np.ndarray
     """``(R,)`` bool: a step of the row ended with ``finish_reason == "length"``."""
+    temperature: np.ndarray
+    """``(R,)`` float64: the temperature the row was sampled at (``TEMPERATURE_KEY``); NaN: the run's
+    training temperature."""
     steps: list[Step]
     """Every step that has a span, in row order."""
     step_row: np.ndarray
@@ -232,7 +240,7 @@ class TokenRows:
         return mask / (n_seqs * np.maximum(per_row, 1.0)[row_of_token])
 
 
-def _episode_info(group: TrajectoryGroup, j: int) -> tuple[Any, int, int, str]:
+def _episode_info(group: TrajectoryGroup, j: int) -> tuple[Any, int, int, str, float]:
     episodes = group.episodes
     if j < len(episodes):
         ep = episodes[j]
@@ -242,8 +250,10 @@ def _episode_info(group: TrajectoryGroup, j: int) -> tuple[Any, int, int, str]:
             if t is traj:
                 t_idx = i
                 break
-        return ep.termination_reason, ep.rollout_idx, t_idx, ep.termination_reason.value
-    return None, -1, -1, TerminationReason.UNKNOWN.value
+        temperature = ep.info.get(TEMPERATURE_KEY) if ep.info else None
+        temperature = float("nan") if temperature is None else float(temperature)
+        return ep.termination_reason, ep.rollout_idx, t_idx, ep.termination_reason.value, temperature
+    return None, -1, -1, TerminationReason.UNKNOWN.value, float("nan")
 
 
 def mini_batches(
@@ -313,11 +323,11 @@ def _build(groups: Iterable[TrajectoryGroup], reasons: set[TerminationReason], n
         role = group.role
         for j, traj in enumerate(group.trajectories):
             n_traj += 1
-            reason, r_idx, t_idx, reason_name = _episode_info(group, j)
+            reason, r_idx, t_idx, reason_name, temperature = _episode_info(group, j)
             if reason is not None and reason in reasons:
                 n_masked += 1
                 continue
-            meta = (gi, role, j, r_idx, t_idx, reason_name)
+            meta = (gi, role, j, r_idx, t_idx, reason_name, temperature)
             row: list[Any] | None = None
             spans: tuple[list[Step], list[int], list[int]] = ([], [], [])
             lps: list[float] = []
@@ -378,7 +388,7 @@ class _Builder:
         self.mask_truncated = mask_truncated
         self.tokens: list[list[Any]] = []
         self.prompt_lens: list[int] = []
-        self.meta: list[tuple[int, str, int, int, int, str]] = []
+        self.meta: list[tuple[int, str, int, int, int, str, float]] = []
         self.versions: list[tuple[int, int]] = []
         self.truncated: list[bool] = []
         self.group_keys: list[tuple[str, str]] = []
@@ -444,7 +454,7 @@ class _Builder:
         logprobs[loss_mask] = np.asarray(self.logprobs, dtype=np.float64)
 
         meta = self.meta
-        cols = list(zip(*meta, strict=True)) if meta else [(), (), (), (), (), ()]
+        cols = list(zip(*meta, strict=True)) if meta else [()] * 7
         versions = np.asarray(self.versions, dtype=np.int64).reshape(-1, 2)
         metrics = {f"rows/{k}": float(v) for k, v in self.counts.items()}
         metrics["rows/count"] = float(len(tokens))
@@ -475,6 +485,7 @@ class _Builder:
             version_max=versions[:, 1],
             termination=list(cols[5]),
             truncated=np.asarray(self.truncated, dtype=bool),
+            temperature=np.asarray(cols[6], dtype=np.float64),
             steps=self.steps,
             step_row=s_row,
             step_start=s_start,

@@ -96,6 +96,12 @@ class UnifiedTrainer:
             backend = registry.resolve("backend", config.backend)(config)
         self.backend = backend
         backend.validate_config(config)
+        if config.rollout.explore.temperature is not None and not getattr(backend, "trains_row_temperature", False):
+            raise ConfigError(
+                f"rollout.explore.temperature: backend {getattr(backend, 'name', type(backend).__name__)!r} trains "
+                "every row at one temperature, so rollouts sampled at another would get a biased ratio; "
+                "use a backend that trains each row at its own (torch), or leave it unset"
+            )
         self.engine = backend.init_rollout_engine()
         if getattr(backend, "rollout_engine", None) is None:
             backend.rollout_engine = self.engine
@@ -309,6 +315,7 @@ class UnifiedTrainer:
         self.loader.load_state_dict(st["data"])
         self._pending = [tuple(k) for k in st.get("pending", [])]
         self._epochs_started = set(st.get("epochs_started", []))
+        self.workflow_engine.explore_tasks = set(st.get("explore_tasks", []))
         if "epochs_ended" in st:
             self._epochs_ended = set(st["epochs_ended"])
         else:  # an older checkpoint: the epochs left behind with nothing pending had ended
@@ -353,6 +360,7 @@ class UnifiedTrainer:
             "pending": [list(k) for k in pending],
             "epochs_started": sorted(self._epochs_started),
             "epochs_ended": sorted(self._epochs_ended),
+            "explore_tasks": sorted(self.workflow_engine.explore_tasks),
             "time": time.time(),
             "config": self.config.to_dict(),
         }
@@ -414,6 +422,8 @@ class UnifiedTrainer:
             )
         # after post-processing: it may add episode metrics
         metrics = episode_metrics(episodes if generated is None else generated, "train")
+        if self.config.rollout.explore.temperature is not None:
+            self._update_explore(episodes if generated is None else generated, metrics)
         groups = await self.group_episodes(episodes)
         groups, filter_metrics = filter_groups(groups, self.config.algorithm.filter)
         metrics.update(filter_metrics)
@@ -452,6 +462,28 @@ class UnifiedTrainer:
         metrics["train/skipped_updates"] = 0.0
         metrics.update(state.metrics)
         return metrics
+
+    def _update_explore(self, episodes: list[Episode], metrics: dict[str, float]) -> None:
+        """``rollout.explore``: a task joins the tempered set when none of its rollouts here is
+        correct (once the step's rollouts are ``after_correct`` correct), and leaves it when one is."""
+        from rllm_core.rows import TEMPERATURE_KEY
+
+        solved: dict[str, bool] = {}
+        correct = tempered = 0
+        for episode in episodes:
+            ok = bool(episode.is_correct)
+            solved[episode.task_id] = solved.get(episode.task_id, False) or ok
+            correct += ok
+            tempered += TEMPERATURE_KEY in episode.info
+        tasks = self.workflow_engine.explore_tasks
+        gate = bool(episodes) and correct / len(episodes) >= self.config.rollout.explore.after_correct
+        for task_id, ok in solved.items():
+            if ok:
+                tasks.discard(task_id)
+            elif gate:
+                tasks.add(task_id)
+        metrics["explore/episodes"] = float(tempered)
+        metrics["explore/tasks"] = float(len(tasks))
 
     async def _publish(self, state: TrainerState) -> None:
         """Tell the backend and the hook plugins that the policy version changed (once per version)."""

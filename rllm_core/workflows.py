@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rllm_core.engine import PROMPT_TOO_LONG, RolloutEngine, SamplingEngine
+from rllm_core.rows import TEMPERATURE_KEY
 from rllm_core.types import Episode, RewardOutput, TerminationReason, Trajectory
 
 if TYPE_CHECKING:
@@ -462,6 +463,14 @@ class WorkflowEngine:
         self.engine = engine
         self.train_engine = SamplingEngine(engine, config.rollout.train_sampling, is_validation=False)
         self.val_engine = SamplingEngine(engine, config.rollout.val_sampling, is_validation=True)
+        temperature = config.rollout.explore.temperature
+        self.explore_engine = (
+            SamplingEngine(engine, config.rollout.train_sampling, forced={"temperature": temperature})
+            if temperature is not None
+            else None
+        )
+        self.explore_tasks: set[str] = set()
+        """Ids of the training tasks sampled at ``rollout.explore.temperature`` (the trainer keeps it)."""
         self._semaphore: asyncio.Semaphore | None = None
         self._rewards: _RewardRunner | None = None
         if self.reward_fn is not None and not self._reward_is_async:
@@ -502,7 +511,11 @@ class WorkflowEngine:
         cfg = self.config.workflow
         if self._semaphore is None:
             self._semaphore = asyncio.Semaphore(cfg.max_concurrency)
+        task_id = self.task_id(task)
         engine = self.val_engine if is_validation else self.train_engine
+        explore = not is_validation and self.explore_engine is not None and task_id in self.explore_tasks
+        if explore:
+            engine = self.explore_engine
         attempt = 0
         while True:
             async with self._semaphore:
@@ -512,8 +525,10 @@ class WorkflowEngine:
             attempt += 1
             self._count("workflow/retries")
         episode.task = task
-        episode.task_id = self.task_id(task)
+        episode.task_id = task_id
         episode.rollout_idx = rollout_idx
+        if explore:
+            episode.info[TEMPERATURE_KEY] = self.config.rollout.explore.temperature
         if attempt:
             episode.info["attempts"] = attempt + 1
         if episode.termination_reason in _OPEN_ENDINGS:

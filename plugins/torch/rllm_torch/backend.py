@@ -67,6 +67,8 @@ class TrainBatch:
     weights: list[np.ndarray] = field(default_factory=list)
     advantages: list[np.ndarray] = field(default_factory=list)
     ref_logprobs: list[np.ndarray] | None = None
+    temperatures: list[float] = field(default_factory=list)
+    """Per row: the temperature its logprobs are taken at (the one it was sampled at)."""
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -77,6 +79,7 @@ class TorchBackend(Backend):
 
     name = "torch"
     config_model = TorchBackendConfig
+    trains_row_temperature = True
 
     def __init__(self, config: RLLMConfig) -> None:
         super().__init__(config)
@@ -186,6 +189,8 @@ class TorchBackend(Backend):
         batch = TrainBatch()
         recompute = self.config.algorithm.loss.old_logprobs == "recompute"
         offsets = rows.offsets.tolist()
+        temperatures = np.where(np.isnan(rows.temperature), self.temperature, rows.temperature).tolist()
+        batch.temperatures = temperatures
         for r, tokens in enumerate(rows.tokens):
             if not all(type(t) is int for t in tokens):
                 raise TypeError("the torch backend trains on text only: Step.prompt_ids must be ints")
@@ -221,7 +226,7 @@ class TorchBackend(Backend):
                     pad_id=self._pad,
                     share_prompts=share,
                     share_rows=self._share_rows,
-                    temperature=self.temperature,
+                    temperature=[batch.temperatures[i] for i in idx],
                 )
                 for i, lp in zip(idx, lps, strict=True):
                     batch.old_logprobs[i] = np.asarray(lp, dtype=np.float32) * batch.masks[i]
@@ -239,7 +244,7 @@ class TorchBackend(Backend):
                             pad_id=self._pad,
                             share_prompts=share,
                             share_rows=self._share_rows,
-                            temperature=self.temperature,
+                            temperature=[batch.temperatures[i] for i in idx],
                         )
                     for i, lp in zip(idx, lps, strict=True):
                         batch.ref_logprobs[i] = np.asarray(lp, dtype=np.float32)
@@ -403,7 +408,6 @@ class TorchBackend(Backend):
         """
         loss_cfg = self.config.algorithm.loss
         share, share_rows = self._share_prompts, self._share_rows
-        temperature = self.temperature
         tis = loss_cfg.tis_cap if loss_cfg.old_logprobs == "recompute" else None
         forward_on = reference is not None
         self.optimizer.zero_grad(set_to_none=True)
@@ -426,7 +430,8 @@ class TorchBackend(Backend):
             # After the policy's forward, which ran beside this micro-batch's reference pass; this
             # sends the next one's off, to run beside the backward.
             ref_logsm = next(reference) if reference is not None else None
-            if temperature != 1.0:
+            temperature = self._temperature(batch, idx, on)
+            if not isinstance(temperature, float) or temperature != 1.0:
                 sel = sel.float() / temperature
             padded, real = _forward_tokens(
                 [batch.prompts[i] for i in idx], [batch.responses[i] for i in idx], share, share_rows
@@ -501,7 +506,16 @@ class TorchBackend(Backend):
                 share_prompts=self._share_prompts,
                 share_rows=self._share_rows,
             )
-            return torch.log_softmax(sel[on].float() / self.temperature, dim=-1)
+            return torch.log_softmax(sel[on].float() / self._temperature(batch, idx, on), dim=-1)
+
+    def _temperature(self, batch: TrainBatch, idx: list[int], on: torch.Tensor) -> float | torch.Tensor:
+        """What micro-batch ``idx``'s logits at its action tokens (``on``) are divided by: one float, or
+        a column of per-token temperatures when its rows were sampled at different ones."""
+        temps = {batch.temperatures[i] for i in idx}
+        if len(temps) == 1:
+            return float(temps.pop())
+        per = np.concatenate([np.full(len(batch.masks[i]), batch.temperatures[i], dtype=np.float32) for i in idx])
+        return torch.from_numpy(per).to(self.device)[on].unsqueeze(-1)
 
     async def on_policy_updated(self, state: TrainerState, version: int) -> None:
         if self.separate_sampler:

@@ -19,6 +19,7 @@ requests happen to be batched (timing, machine load) cannot change what a run sa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -348,9 +349,10 @@ def score(
     pad_id: int,
     share_prompts: bool = True,
     share_rows: bool = False,
-    temperature: float = 1.0,
+    temperature: float | Sequence[float] = 1.0,
 ) -> list[list[float]]:
-    """Teacher-forced logprobs of each response following its prompt under ``softmax(logits / temperature)``."""
+    """Teacher-forced logprobs of each response following its prompt under ``softmax(logits / temperature)``
+    (``temperature``: one for all rows, or one per row)."""
     rows = [(list(p), list(r)) for p, r in rows]
     keep = [i for i, (_, r) in enumerate(rows) if r]
     out: list[list[float]] = [[] for _ in rows]
@@ -359,7 +361,12 @@ def score(
     logits, targets = response_logits(
         model, [rows[i] for i in keep], pad_id=pad_id, share_prompts=share_prompts, share_rows=share_rows
     )
-    if temperature != 1.0:
+    if not isinstance(temperature, int | float) and len(set(temperature)) == 1:
+        temperature = float(temperature[0])
+    if not isinstance(temperature, int | float):
+        per_token = np.repeat([float(temperature[i]) for i in keep], [len(rows[i][1]) for i in keep])
+        logits = logits.float() / torch.from_numpy(per_token).to(logits.device, torch.float32).unsqueeze(-1)
+    elif temperature != 1.0:
         logits = logits.float() / temperature
     flat = token_logprobs(logits, targets).tolist()
     pos = 0

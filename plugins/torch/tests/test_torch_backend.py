@@ -378,3 +378,56 @@ def test_a_small_model_gets_one_cpu_thread_unless_configured(monkeypatch):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(before)
+
+
+def _sampled_at(groups, temperature):
+    """Mark every trajectory's episode as sampled at ``temperature`` (what ``rollout.explore`` does)."""
+    from rllm_core.rows import TEMPERATURE_KEY
+    from rllm_core.types import Episode
+
+    for g in groups:
+        g.episodes = [
+            Episode(task_id=g.task_id, trajectories=[t], info={TEMPERATURE_KEY: temperature}) for t in g.trajectories
+        ]
+    return groups
+
+
+def test_rows_sampled_at_their_own_temperature_train_as_in_a_run_at_that_temperature():
+    """``rollout.explore``: rows marked with the temperature they were sampled at get the update (KL,
+    forward KL and entropy terms included) of a run whose training temperature is that one."""
+    extra = {"algorithm.loss.kl_coef": "0.1", "algorithm.loss.forward_kl_coef": "0.5", "torch.entropy_coef": "0.01"}
+    hot = backend(**extra, **{"rollout.train_sampling.temperature": "2.0"})
+    marked, plain = backend(**extra), backend(**extra)
+    assert type(marked).trains_row_temperature
+
+    async def sample():
+        calls = [hot.rollout_engine.get_model_response(MSG, max_tokens=3, temperature=2.0) for _ in range(16)]
+        return await asyncio.gather(*calls)
+
+    outs = asyncio.run(sample())
+    rewards = [float(i % 2) for i in range(len(outs))]
+    m_hot = _train(hot, groups_from_outputs(outs, rewards)).metrics
+    m_marked = _train(marked, _sampled_at(groups_from_outputs(outs, rewards), 2.0)).metrics
+    m_plain = _train(plain, groups_from_outputs(outs, rewards)).metrics
+    # sampled at 2.0, so the ratio is 1 only when the trainer takes logprobs at 2.0 as well
+    assert m_hot["actor/ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+    assert m_plain["actor/ratio_mean"] != pytest.approx(1.0, abs=1e-3)
+    for key in ("actor/ratio_mean", "actor/grad_norm", "actor/kl", "actor/forward_kl", "actor/entropy"):
+        assert m_marked[key] == pytest.approx(m_hot[key], rel=1e-4), key
+    grads = {n: p.grad for n, p in marked.policy.named_parameters()}
+    for name, p in hot.policy.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_scoring_takes_one_temperature_per_row():
+    from rllm_torch.sampling import score
+
+    b = backend()
+    outs = _sample(b, n=4, max_tokens=3)
+    rows = [(o.prompt_ids, o.completion_ids) for o in outs]
+    temps = [1.0, 2.0, 0.5, 2.0]
+    together = score(b.policy, rows, pad_id=b._pad, temperature=temps)
+    for row, t, got in zip(rows, temps, together, strict=True):
+        alone = score(b.policy, [row], pad_id=b._pad, temperature=t)[0]
+        assert got == pytest.approx(alone, abs=1e-5)
+    assert together[1] != pytest.approx(score(b.policy, rows, pad_id=b._pad)[1], abs=1e-3)
