@@ -47,7 +47,7 @@ from rllm_core.loggers import Logger, MultiLogger
 from rllm_core.metrics import episode_metrics, validation_metrics
 from rllm_core.plugins import HookRunner, get_registry
 from rllm_core.protocol import TrainerState
-from rllm_core.rows import build_rows
+from rllm_core.rows import TEMPERATURE_KEY, build_rows
 from rllm_core.types import Episode, TrajectoryGroup
 from rllm_core.workflows import WorkflowEngine
 
@@ -421,9 +421,10 @@ class UnifiedTrainer:
                 )
             )
         # after post-processing: it may add episode metrics
-        metrics = episode_metrics(episodes if generated is None else generated, "train")
+        seen = episodes if generated is None else generated
+        metrics = episode_metrics(seen, "train")
         if self.config.rollout.explore.temperature is not None:
-            self._update_explore(episodes if generated is None else generated, metrics)
+            self._update_explore(seen, metrics)
         groups = await self.group_episodes(episodes)
         groups, filter_metrics = filter_groups(groups, self.config.algorithm.filter)
         metrics.update(filter_metrics)
@@ -466,8 +467,6 @@ class UnifiedTrainer:
     def _update_explore(self, episodes: list[Episode], metrics: dict[str, float]) -> None:
         """``rollout.explore``: a task joins the tempered set when none of its rollouts here is
         correct (once the step's rollouts are ``after_correct`` correct), and leaves it when one is."""
-        from rllm_core.rows import TEMPERATURE_KEY
-
         solved: dict[str, bool] = {}
         correct = tempered = 0
         for episode in episodes:

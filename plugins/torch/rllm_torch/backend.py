@@ -46,7 +46,7 @@ from rllm_torch.config import TorchBackendConfig
 from rllm_torch.engine import SamplerRuntime, TorchRolloutEngine, _copy_weights, torch_threads_executor
 from rllm_torch.losses import LOSSES, kl_penalty, policy_loss
 from rllm_torch.model import load_model_and_tokenizer, rebuild_from_checkpoint, write_meta
-from rllm_torch.sampling import distinct_rows, response_logits, score, token_logprobs
+from rllm_torch.sampling import distinct_rows, response_logits, score, temperature_divisor, token_logprobs
 
 __all__ = ["TorchBackend", "TrainBatch"]
 
@@ -189,8 +189,7 @@ class TorchBackend(Backend):
         batch = TrainBatch()
         recompute = self.config.algorithm.loss.old_logprobs == "recompute"
         offsets = rows.offsets.tolist()
-        temperatures = np.where(np.isnan(rows.temperature), self.temperature, rows.temperature).tolist()
-        batch.temperatures = temperatures
+        batch.temperatures = np.where(np.isnan(rows.temperature), self.temperature, rows.temperature).tolist()
         for r, tokens in enumerate(rows.tokens):
             if not all(type(t) is int for t in tokens):
                 raise TypeError("the torch backend trains on text only: Step.prompt_ids must be ints")
@@ -511,11 +510,10 @@ class TorchBackend(Backend):
     def _temperature(self, batch: TrainBatch, idx: list[int], on: torch.Tensor) -> float | torch.Tensor:
         """What micro-batch ``idx``'s logits at its action tokens (``on``) are divided by: one float, or
         a column of per-token temperatures when its rows were sampled at different ones."""
-        temps = {batch.temperatures[i] for i in idx}
-        if len(temps) == 1:
-            return float(temps.pop())
-        per = np.concatenate([np.full(len(batch.masks[i]), batch.temperatures[i], dtype=np.float32) for i in idx])
-        return torch.from_numpy(per).to(self.device)[on].unsqueeze(-1)
+        divisor = temperature_divisor(
+            [batch.temperatures[i] for i in idx], [len(batch.masks[i]) for i in idx], self.device
+        )
+        return divisor if isinstance(divisor, float) else divisor[on]
 
     async def on_policy_updated(self, state: TrainerState, version: int) -> None:
         if self.separate_sampler:

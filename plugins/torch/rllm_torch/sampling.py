@@ -271,6 +271,15 @@ def distinct_rows(
     return [(list(p), list(r)) for p, r in first], owner
 
 
+def temperature_divisor(temperatures: Sequence[float], lengths: Sequence[int], device: Any) -> float | torch.Tensor:
+    """What the logits of rows sampled at ``temperatures`` (``lengths`` positions each, flat in row
+    order) are divided by: one float when the rows agree, else a ``(sum(lengths), 1)`` column."""
+    if len(set(temperatures)) == 1:
+        return float(temperatures[0])
+    per_position = np.repeat(np.asarray(temperatures, dtype=np.float32), lengths)
+    return torch.from_numpy(per_position).to(device).unsqueeze(-1)
+
+
 def _row_positions(lengths: list[int], owner: list[int]) -> np.ndarray:
     """Flat positions, in the flat output of the distinct rows (``lengths`` tokens each), of the
     tokens of each row in turn (row ``i`` is distinct row ``owner[i]``)."""
@@ -361,12 +370,11 @@ def score(
     logits, targets = response_logits(
         model, [rows[i] for i in keep], pad_id=pad_id, share_prompts=share_prompts, share_rows=share_rows
     )
-    if not isinstance(temperature, int | float) and len(set(temperature)) == 1:
-        temperature = float(temperature[0])
     if not isinstance(temperature, int | float):
-        per_token = np.repeat([float(temperature[i]) for i in keep], [len(rows[i][1]) for i in keep])
-        logits = logits.float() / torch.from_numpy(per_token).to(logits.device, torch.float32).unsqueeze(-1)
-    elif temperature != 1.0:
+        temperature = temperature_divisor(
+            [temperature[i] for i in keep], [len(rows[i][1]) for i in keep], logits.device
+        )
+    if not isinstance(temperature, float | int) or temperature != 1.0:
         logits = logits.float() / temperature
     flat = token_logprobs(logits, targets).tolist()
     pos = 0
