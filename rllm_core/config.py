@@ -226,8 +226,14 @@ class OptimConfig(_Section):
     """Rows per optimiser step (verl's ``ppo_mini_batch_size`` times ``rollout.n``): each pass shuffles
     the step's rows into mini-batches of this size (the last may be smaller), one step each with its
     own loss aggregation; None: one step on all rows. A fixed size, not a fixed count, so a step
-    with little data (dynamic sampling found few informative tasks) takes few steps. After the first
-    step the updates are off-policy: the ratio and the PPO clip act."""
+    with little data (dynamic sampling found few informative tasks) takes few steps (``mini_batches``
+    fixes the count instead). After the first step the updates are off-policy: the ratio and the PPO
+    clip act."""
+    mini_batches: int | None = Field(None, ge=1)
+    """Optimiser steps per pass, whatever the step's row count (tinker-cookbook's ``num_substeps``):
+    the rows are cut into this many near-equal mini-batches, so a step with little data (early on,
+    or once most tasks are solved and dynamic sampling finds few informative ones) still takes as
+    many steps as a full one. Instead of ``mini_batch_size``; None: that rule."""
     shuffle: Literal["rows", "groups"] = "rows"
     """What each pass shuffles into mini-batches: single ``rows``, or whole ``groups`` (a group's rows
     stay together, as in verl's mini-batches of prompts: cheaper where a backend runs a shared prompt
@@ -235,6 +241,12 @@ class OptimConfig(_Section):
     epochs: int = Field(1, ge=1)
     """Passes over a training step's rows (verl's ``ppo_epochs``, TRL's ``num_iterations``). The
     learning-rate schedule advances once per training step, whatever the number of optimiser steps."""
+
+    @model_validator(mode="after")
+    def _one_split(self) -> OptimConfig:
+        if self.mini_batch_size is not None and self.mini_batches is not None:
+            raise ValueError("set mini_batch_size (rows per optimiser step) or mini_batches (steps per pass), not both")
+        return self
 
     def lr_factor(self, step: int, total_steps: int | None) -> float:
         """The schedule's multiplier of ``lr`` at training step ``step`` (0-based): linear warm-up,

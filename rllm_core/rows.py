@@ -36,6 +36,7 @@ realises it.
 from __future__ import annotations
 
 import gc
+import itertools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -190,9 +191,11 @@ class TokenRows:
 
     def mini_batches(self, step: int, seed: int, optim: OptimConfig) -> list[list[int]]:
         """The row indices of each optimiser step of training step ``step`` under ``optim``
-        (``mini_batch_size``, ``epochs``, ``shuffle``): :func:`mini_batches` on these rows."""
+        (``mini_batch_size`` or ``mini_batches``, ``epochs``, ``shuffle``): :func:`mini_batches` on these rows."""
         groups = self.group_index if optim.shuffle == "groups" else None
-        return mini_batches(len(self), step, seed, optim.mini_batch_size, optim.epochs, groups)
+        return mini_batches(
+            len(self), step, seed, optim.mini_batch_size, optim.epochs, groups, count=optim.mini_batches
+        )
 
     def loss_weights(
         self, agg_mode: str, loss_scale_factor: float | None = None, rows: Sequence[int] | None = None
@@ -263,19 +266,28 @@ def mini_batches(
     mini_batch_size: int | None,
     epochs: int,
     groups: Sequence[int] | None = None,
+    *,
+    count: int | None = None,
 ) -> list[list[int]]:
     """How a training step's rows are split into optimiser steps (every backend's rule).
 
     ``epochs`` passes over the rows, each shuffled (seeded by ``seed`` and ``step``) into mini-batches
-    of ``mini_batch_size`` (the last may be smaller); one batch when it holds them all. With
+    of ``mini_batch_size`` (the last may be smaller); one batch when it holds them all. ``count``
+    instead of a size: each pass is cut into that many near-equal mini-batches (one a row when
+    there are fewer rows), whatever the number of rows. With
     ``groups`` (each row's group index, ``TokenRows.group_index``) the groups are shuffled, not the
     rows: a group's rows stay together in row order, so a mini-batch holds whole groups (one may be
     cut at its edge), as in verl's mini-batches of prompts.
     """
     import numpy as np
 
-    size = mini_batch_size or n_rows
-    if size >= n_rows and epochs == 1:
+    if count is not None:
+        k = max(1, min(count, n_rows))
+        cuts = [n_rows * i // k for i in range(k + 1)]
+    else:
+        size = mini_batch_size or max(1, n_rows)
+        cuts = [*range(0, n_rows, size), n_rows]
+    if len(cuts) <= 2 and epochs == 1:
         return [list(range(n_rows))]
     rng = np.random.default_rng([seed, step])
     members: dict[int, list[int]] = {}
@@ -289,7 +301,7 @@ def mini_batches(
             order = rng.permutation(n_rows).tolist()
         else:
             order = [row for k in rng.permutation(len(keys)).tolist() for row in members[keys[k]]]
-        out.extend(order[i : i + size] for i in range(0, n_rows, size))
+        out.extend(order[a:b] for a, b in itertools.pairwise(cuts))
     return out
 
 

@@ -77,3 +77,30 @@ def test_token_rows_split_by_the_optim_config():
     assert rows.mini_batches(5, 7, OptimConfig(mini_batch_size=6, shuffle="rows")) != rows.mini_batches(
         5, 7, OptimConfig(mini_batch_size=6, shuffle="groups")
     )
+
+
+@pytest.mark.parametrize(("n", "count", "epochs"), [(800, 4, 1), (10, 4, 1), (9, 4, 2), (3, 4, 1), (1, 4, 1)])
+def test_a_count_cuts_each_epoch_into_that_many_near_equal_mini_batches(n, count, epochs):
+    parts = mini_batches(n, step=4, seed=2, mini_batch_size=None, epochs=epochs, count=count)
+    per_epoch = min(count, n)
+    assert len(parts) == per_epoch * epochs
+    for e in range(epochs):
+        epoch = parts[e * per_epoch : (e + 1) * per_epoch]
+        assert sorted(i for part in epoch for i in part) == list(range(n))
+        assert max(map(len, epoch)) - min(map(len, epoch)) <= 1
+
+
+def test_a_count_of_one_is_every_row_in_one_step():
+    assert mini_batches(7, step=0, seed=0, mini_batch_size=None, epochs=1, count=1) == [list(range(7))]
+
+
+def test_a_full_batch_splits_the_same_by_size_or_by_count():
+    """800 rows in four steps of 200: the two rules agree where the size divides the batch."""
+    assert mini_batches(800, 3, 1, 200, 1) == mini_batches(800, 3, 1, None, 1, count=4)
+
+
+def test_the_optim_config_takes_a_size_or_a_count_not_both():
+    from rllm_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"mini_batch_size .* or mini_batches"):
+        load_config(overrides=["algorithm.optim.mini_batch_size=200", "algorithm.optim.mini_batches=4"])

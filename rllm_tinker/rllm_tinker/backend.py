@@ -27,7 +27,6 @@ import asyncio
 import json
 import logging
 import os
-import random
 import socket
 import threading
 import time
@@ -311,33 +310,26 @@ class TinkerBackend(Backend):
             weight_decay=optim.weight_decay,
             grad_clip_norm=optim.grad_clip or 0.0,
         )
-        size = optim.mini_batch_size or len(rows)
-        rng = random.Random(self.seed * 1_000_003 + state.step)
         calls: list[tuple[Any, list[int], bool]] = []
         optim_calls: list[Any] = []
         dropped = 0.0
         t0 = time.perf_counter()
-        for epoch in range(optim.epochs):
-            order = list(range(len(rows)))
-            if size < len(rows):
-                rng.shuffle(order)
-            for start in range(0, len(order), size):
-                chunk = order[start : start + size]
-                sent = False
-                for role in roles:
-                    loss = losses[role]
-                    select = [r for r in chunk if rows.roles[r] == role]
-                    datums, kept, metrics = rows_to_datums(
-                        rows, loss, max_train_length=self.cfg.max_train_length, select=select, loss_scale_factor=factor
-                    )
-                    dropped += metrics["tinker/dropped_rows"]
-                    if not datums:  # forward_backward([]) is an error on the service
-                        continue
-                    fut = self.training.forward_backward(datums, loss.name, loss_fn_config(loss))
-                    calls.append((fut, kept, epoch == 0 and start == 0))
-                    sent = True
-                if sent:
-                    optim_calls.append(self.training.optim_step(adam))
+        for part, chunk in enumerate(rows.mini_batches(state.step, self.seed, optim)):
+            sent = False
+            for role in roles:
+                loss = losses[role]
+                select = [r for r in chunk if rows.roles[r] == role]
+                datums, kept, metrics = rows_to_datums(
+                    rows, loss, max_train_length=self.cfg.max_train_length, select=select, loss_scale_factor=factor
+                )
+                dropped += metrics["tinker/dropped_rows"]
+                if not datums:  # forward_backward([]) is an error on the service
+                    continue
+                fut = self.training.forward_backward(datums, loss.name, loss_fn_config(loss))
+                calls.append((fut, kept, part == 0))
+                sent = True
+            if sent:
+                optim_calls.append(self.training.optim_step(adam))
         outputs = await asyncio.gather(*(c[0] for c in calls))
         await asyncio.gather(*optim_calls)
         state.metrics.update(self._train_metrics(rows, calls, outputs))

@@ -200,6 +200,40 @@ async def _train(backend: TinkerBackend, steps: range) -> list[float]:
     return losses
 
 
+@pytest.mark.parametrize(
+    "split", ["algorithm.optim.mini_batches=4", "algorithm.optim.mini_batch_size=4", "algorithm.optim.shuffle=groups"]
+)
+def test_optimiser_steps_follow_the_cores_mini_batch_rule(local_root, tmp_path, split):
+    """One optim_step per part of ``TokenRows.mini_batches`` (every backend's rule), the parts'
+    rows sent in that order."""
+    cfg = config(tmp_path, "algorithm.loss.name=importance_sampling", "algorithm.optim.mini_batch_size=null")
+    cfg = load_config(cfg, overrides=["algorithm.optim.mini_batch_size=2", split] if "shuffle" in split else [split])
+    backend = TinkerBackend(cfg)
+    state = _fixed_state(3)
+    parts = state.rows.mini_batches(3, backend.seed, cfg.algorithm.optim)
+    assert len(parts) > 1
+    sent: list[list[int]] = []
+    forward_backward = None
+
+    async def run() -> None:
+        nonlocal forward_backward
+        await backend.on_train_start(TrainerState())
+        forward_backward = backend.training.forward_backward
+
+        def spy(datums, *args):
+            sent.append([len(d.model_input.to_ints()) for d in datums])
+            return forward_backward(datums, *args)
+
+        backend.training.forward_backward = spy
+        await backend.update_policy(state)
+        await backend.shutdown()
+
+    asyncio.run(run())
+    assert state.metrics["tinker/optim_steps"] == len(parts)
+    lengths = state.rows.offsets[1:] - state.rows.offsets[:-1]
+    assert sent == [[int(lengths[r]) - 1 for r in part] for part in parts]
+
+
 def test_resume_restores_weights_and_adam_state(local_root, tmp_path):
     async def run() -> tuple[list[float], list[float], list[float]]:
         straight = _backend(tmp_path / "a")

@@ -8,10 +8,10 @@ them from a thread when an event loop must keep running.
 
 * :meth:`VerlWorkers.compute_log_prob`: the current policy's log-probs of the rows' tokens.
 * :meth:`VerlWorkers.update_actor`: one training step: ``epochs`` passes over the rows shuffled
-  into mini-batches of ``algorithm.optim.mini_batch_size`` (seeded by the step, as the torch
-  backend), one optimiser step each. Each mini-batch is one ``update_actor`` call, so its
-  ``global_batch_size`` (the seq-mean normaliser) counts that mini-batch's rows exactly, as the
-  core's ``TokenRows.loss_weights(rows=...)`` does.
+  into mini-batches by ``TokenRows.mini_batches`` (``algorithm.optim.mini_batch_size`` or
+  ``mini_batches``, seeded by the step: every backend's rule), one optimiser step each. Each
+  mini-batch is one ``update_actor`` call, so its ``global_batch_size`` (the seq-mean normaliser)
+  counts that mini-batch's rows exactly, as the core's ``TokenRows.loss_weights(rows=...)`` does.
 * :meth:`VerlWorkers.evaluate_loss`: verl's loss on the rows with the current weights, no update.
 * :meth:`VerlWorkers.set_loss`: a new loss (clip ranges, aggregation) for the following calls.
 * :meth:`VerlWorkers.set_lr`: the learning rate of the following optimiser steps.
