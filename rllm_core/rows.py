@@ -20,8 +20,10 @@ token by token, flat over all rows (row ``r`` is ``offsets[r]:offsets[r + 1]``):
 Per row: ``tokens`` (ints, or opaque prompt chunks passed through untouched: each is one position),
 ``prompt_lens`` (positions before the first action token), group, role, rollout and trajectory
 index, weight versions (min/max over its steps), the episode's termination reason, whether a
-step of it was cut by the length limit (``truncated``), and the temperature it was sampled at when
-that is not the run's (``temperature``: ``rollout.explore``). Per step: the row it is in and its span.
+step of it was cut by the length limit (``truncated``), and the temperature it was sampled at
+(``temperature``: its first step's ``Step.temperature``, else the episode's ``TEMPERATURE_KEY``;
+a step sampled at another temperature than its row's starts a new row). Per step: the row it is in
+and its span.
 
 Trajectories whose episode ended for a reason in ``mask_reasons`` are left out (they stay in their
 group's baseline; they are simply not trained on), and so are rows with a truncated step when
@@ -58,7 +60,8 @@ history, e.g. compaction); the break is counted under that reason."""
 
 TEMPERATURE_KEY = "sampling_temperature"
 """``episode.info[TEMPERATURE_KEY] = T``: the episode's rollouts were sampled at temperature ``T``
-rather than the run's training temperature (``rollout.explore``); its rows are trained at ``T``."""
+rather than the run's training temperature (``rollout.explore`` marks its episodes so); its rows
+are trained at ``T`` unless their steps record a temperature of their own (``Step.temperature``)."""
 
 
 @dataclass(frozen=True)
@@ -110,8 +113,8 @@ class TokenRows:
     truncated: np.ndarray
     """``(R,)`` bool: a step of the row ended with ``finish_reason == "length"``."""
     temperature: np.ndarray
-    """``(R,)`` float64: the temperature the row was sampled at (``TEMPERATURE_KEY``); NaN: the run's
-    training temperature."""
+    """``(R,)`` float64: the temperature the row was sampled at (``Step.temperature``, else
+    ``TEMPERATURE_KEY``); NaN: unknown, the run's training temperature."""
     steps: list[Step]
     """Every step that has a span, in row order."""
     step_row: np.ndarray
@@ -340,6 +343,7 @@ def _build(groups: Iterable[TrajectoryGroup], reasons: set[TerminationReason], n
                 n_masked += 1
                 continue
             meta = (gi, role, j, r_idx, t_idx, reason_name, temperature)
+            row_meta = meta
             row: list[Any] | None = None
             spans: tuple[list[Step], list[int], list[int]] = ([], [], [])
             lps: list[float] = []
@@ -350,20 +354,25 @@ def _build(groups: Iterable[TrajectoryGroup], reasons: set[TerminationReason], n
                 if not prompt:
                     n_no_tokens += 1
                     continue
+                step_t = step.temperature
                 if row is not None:
                     forced = step.info.get(ROW_BREAK_KEY) if step.info else None
                     n = len(row)
                     if forced:
                         breaks[str(forced)] = breaks.get(str(forced), 0) + 1
+                    elif step_t is not None and step_t != row_meta[6]:  # a row trains at one temperature
+                        breaks["temperature"] = breaks.get("temperature", 0) + 1
+                        forced = True
                     elif len(prompt) >= n and prompt[:n] == row:
                         row.extend(prompt[n:])
                     else:
                         breaks["not_prefix"] = breaks.get("not_prefix", 0) + 1
                         forced = True
                     if forced:
-                        out.close(row, spans, lps, first, vmin, vmax, cut, meta)
+                        out.close(row, spans, lps, first, vmin, vmax, cut, row_meta)
                         row = None
                 if row is None:
+                    row_meta = meta if step_t is None else (*meta[:6], float(step_t))
                     row = list(prompt)
                     spans, lps = ([], [], []), []
                     first = vmin = vmax = -1
@@ -387,7 +396,7 @@ def _build(groups: Iterable[TrajectoryGroup], reasons: set[TerminationReason], n
                 if step.finish_reason == "length":
                     cut = True
             if row is not None:
-                out.close(row, spans, lps, first, vmin, vmax, cut, meta)
+                out.close(row, spans, lps, first, vmin, vmax, cut, row_meta)
     out.count("masked_trajectories", n_masked)
     out.count("steps_without_tokens", n_no_tokens)
     return out.finish(np, n_traj - n_masked)

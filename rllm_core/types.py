@@ -246,6 +246,8 @@ class ModelOutput(BaseModel):
     (stopped, but a tool call could not be read), ``prompt_too_long`` or engine specific."""
     weight_version: int | None = None
     """Policy version that produced this output."""
+    temperature: float | None = None
+    """The temperature the completion was sampled at, when the engine reports it (None: unknown)."""
     is_validation: bool = False
     backend_data: dict[str, Any] = Field(default_factory=dict)
     """What the backend's service returned beside the tokens (e.g. Tinker's ``sequence_id``); kept on the step."""
@@ -300,6 +302,9 @@ class Step(BaseModel):
     """None until computed; a float (broadcast) or one float per response token."""
     weight_version: int | None = None
     """Policy version that produced ``response_ids``."""
+    temperature: float | None = None
+    """The temperature ``response_ids`` were sampled at (:attr:`ModelOutput.temperature`; None:
+    unknown, taken as the run's). A backend that trains each row at its own temperature uses it."""
     finish_reason: str | None = None
     backend_data: dict[str, Any] = Field(default_factory=dict)
     """Backend-specific per-step data from :attr:`ModelOutput.backend_data`, for a loss that needs it."""
@@ -341,6 +346,7 @@ class Step(BaseModel):
                 reasoning=model_output.reasoning,
                 action=action,
                 weight_version=model_output.weight_version,
+                temperature=model_output.temperature,
                 finish_reason=model_output.finish_reason,
                 backend_data=model_output.backend_data,
                 **fields,
@@ -365,6 +371,7 @@ class Step(BaseModel):
             "info": {},
             "advantage": None,
             "weight_version": model_output.weight_version,
+            "temperature": model_output.temperature,
             "finish_reason": model_output.finish_reason,
             "backend_data": model_output.backend_data,
         }
@@ -387,6 +394,7 @@ _FROM_OUTPUT_FIELDS = frozenset(
         "reasoning",
         "action",
         "weight_version",
+        "temperature",
         "finish_reason",
         "backend_data",
     }

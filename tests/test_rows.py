@@ -80,6 +80,28 @@ def test_a_workflow_can_force_a_break_and_name_its_reason():
     assert len(rows) == 2 and rows.metrics["rows/breaks/compaction"] == 1
 
 
+def test_a_row_takes_its_steps_sampling_temperature_and_breaks_where_it_changes():
+    rows = build_rows([group(two_turn(temperature=2.0))])  # turn 1 unknown: the row takes turn 2's
+    assert len(rows) == 2 and rows.metrics["rows/breaks/temperature"] == 1
+    assert math.isnan(rows.temperature[0]) and rows.temperature[1] == 2.0
+    same = two_turn(temperature=2.0)
+    same.steps[0].temperature = 2.0
+    rows = build_rows([group(same)])
+    assert len(rows) == 1 and rows.temperature.tolist() == [2.0]
+    unknown = build_rows([group(two_turn())])  # no step says: the episode's mark, else NaN (the run's)
+    assert len(unknown) == 1 and math.isnan(unknown.temperature[0])
+
+
+def test_a_step_temperature_wins_over_the_episodes_mark():
+    from rllm_core.rows import TEMPERATURE_KEY
+
+    g = group(two_turn(), two_turn(temperature=0.5))
+    for e in g.episodes:
+        e.info[TEMPERATURE_KEY] = 2.0
+    rows = build_rows([g])
+    assert rows.temperature.tolist() == [2.0, 2.0, 0.5]  # the second trajectory breaks at its 0.5 turn
+
+
 def test_per_token_advantages_are_placed_token_by_token():
     traj = two_turn()
     traj.steps[0].advantage = [1.0, 2.0]

@@ -392,6 +392,7 @@ class TorchRolloutEngine(RolloutEngine):
                 logprobs=r.logprobs,
                 finish_reason=r.finish_reason,
                 weight_version=version,
+                temperature=req.params.temperature,
             )
         )
         if req.conversation is not None:

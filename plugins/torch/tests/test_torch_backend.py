@@ -392,9 +392,21 @@ def _sampled_at(groups, temperature):
     return groups
 
 
-def test_rows_sampled_at_their_own_temperature_train_as_in_a_run_at_that_temperature():
-    """``rollout.explore``: rows marked with the temperature they were sampled at get the update (KL,
-    forward KL and entropy terms included) of a run whose training temperature is that one."""
+def _unstamped(groups):
+    """The steps as an engine that does not report its sampling temperature would leave them."""
+    for g in groups:
+        for t in g.trajectories:
+            for s in t.steps:
+                s.temperature = None
+    return groups
+
+
+@pytest.mark.parametrize("how", ["episode", "step"])
+def test_rows_sampled_at_their_own_temperature_train_as_in_a_run_at_that_temperature(how):
+    """Rows sampled at another temperature than the run's get the update (KL, forward KL and entropy
+    terms included) of a run whose training temperature is that one: whether the episode is marked
+    (``rollout.explore``) or the steps record it (the engine stamps ``ModelOutput.temperature``,
+    e.g. for a workflow that passes its own ``temperature=``)."""
     extra = {"algorithm.loss.kl_coef": "0.1", "algorithm.loss.forward_kl_coef": "0.5", "torch.entropy_coef": "0.01"}
     hot = backend(**extra, **{"rollout.train_sampling.temperature": "2.0"})
     marked, plain = backend(**extra), backend(**extra)
@@ -405,10 +417,14 @@ def test_rows_sampled_at_their_own_temperature_train_as_in_a_run_at_that_tempera
         return await asyncio.gather(*calls)
 
     outs = asyncio.run(sample())
+    assert {o.temperature for o in outs} == {2.0}
     rewards = [float(i % 2) for i in range(len(outs))]
     m_hot = _train(hot, groups_from_outputs(outs, rewards)).metrics
-    m_marked = _train(marked, _sampled_at(groups_from_outputs(outs, rewards), 2.0)).metrics
-    m_plain = _train(plain, groups_from_outputs(outs, rewards)).metrics
+    if how == "episode":
+        m_marked = _train(marked, _sampled_at(_unstamped(groups_from_outputs(outs, rewards)), 2.0)).metrics
+    else:
+        m_marked = _train(marked, groups_from_outputs(outs, rewards)).metrics
+    m_plain = _train(plain, _unstamped(groups_from_outputs(outs, rewards))).metrics
     # sampled at 2.0, so the ratio is 1 only when the trainer takes logprobs at 2.0 as well
     assert m_hot["actor/ratio_mean"] == pytest.approx(1.0, abs=1e-4)
     assert m_plain["actor/ratio_mean"] != pytest.approx(1.0, abs=1e-3)
