@@ -247,7 +247,9 @@ class ModelOutput(BaseModel):
     weight_version: int | None = None
     """Policy version that produced this output."""
     temperature: float | None = None
-    """The temperature the completion was sampled at, when the engine reports it (None: unknown)."""
+    """The temperature the completion was sampled, and its ``logprobs`` taken, at, when the engine
+    reports it (None: unknown). A greedy sample reports the temperature of its logprobs (1.0 for the
+    torch engine)."""
     is_validation: bool = False
     backend_data: dict[str, Any] = Field(default_factory=dict)
     """What the backend's service returned beside the tokens (e.g. Tinker's ``sequence_id``); kept on the step."""

@@ -111,6 +111,18 @@ def test_sampler_logprobs_match_recomputed_logprobs(be):
     assert all(lp <= 0 for o in outs for lp in o.logprobs)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.5, 2.0])
+def test_each_output_reports_the_temperature_of_its_logprobs(be, temperature):
+    """What a row is trained at: the call's temperature, and 1.0 for a greedy call (whose logprobs are
+    those of the untempered distribution, as compute_logprobs gives them)."""
+    engine = be.rollout_engine
+    out = asyncio.run(engine.get_model_response(MSG, max_tokens=4, temperature=temperature))
+    assert out.temperature == (temperature or 1.0)
+    if temperature == 0.0:
+        again = asyncio.run(engine.compute_logprobs(out.prompt_ids, out.completion_ids))
+        assert max(abs(a - b) for a, b in zip(out.logprobs, again, strict=True)) < 1e-4
+
+
 def test_reference_logprobs_follow_refresh(be):
     engine = be.rollout_engine
     out = asyncio.run(engine.get_model_response(MSG, max_tokens=3))
