@@ -81,7 +81,7 @@ def test_a_workflow_can_force_a_break_and_name_its_reason():
 
 
 def test_a_row_takes_its_steps_sampling_temperature_and_breaks_where_it_changes():
-    rows = build_rows([group(two_turn(temperature=2.0))])  # turn 1 unknown: the row takes turn 2's
+    rows = build_rows([group(two_turn(temperature=2.0))])  # turn 1 unknown, turn 2 at 2.0: two rows
     assert len(rows) == 2 and rows.metrics["rows/breaks/temperature"] == 1
     assert math.isnan(rows.temperature[0]) and rows.temperature[1] == 2.0
     same = two_turn(temperature=2.0)

@@ -392,7 +392,7 @@ class TorchRolloutEngine(RolloutEngine):
                 logprobs=r.logprobs,
                 finish_reason=r.finish_reason,
                 weight_version=version,
-                temperature=req.params.temperature if req.params.temperature > 0 else 1.0,  # greedy: logprobs at 1
+                temperature=req.params.logprob_temperature,
             )
         )
         if req.conversation is not None:

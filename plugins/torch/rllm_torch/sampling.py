@@ -42,6 +42,11 @@ class GenParams:
     """This row's random numbers come from this seed alone (vLLM's per-request ``seed``): the same
     seed, prompt and weights give the same completion in any batch. None: a key from ``generator``."""
 
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature this row's logprobs are taken at: its sampling temperature, 1.0 when greedy."""
+        return self.temperature if self.temperature > 0 else 1.0
+
 
 @dataclass
 class GenResult:
@@ -169,7 +174,7 @@ def generate(
     input_ids, attn = input_ids.to(device), attn.to(device)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
     temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-    scale = torch.where(temps > 0, temps, torch.ones_like(temps)).unsqueeze(-1)  # logprobs' temperature
+    scale = torch.tensor([p.logprob_temperature for p in params], dtype=torch.float32, device=device).unsqueeze(-1)
     top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
     budget = [p.max_tokens for p in params]
