@@ -329,6 +329,10 @@ class TrainerConfig(_Section):
     val_at_end: bool = False
     save_every: int = Field(0, ge=0)
     """Checkpoint every k steps (0: only at the end and on interruption)."""
+    gc_every: int = Field(10, ge=0)
+    """Python's automatic garbage collection is off while training, and a full collection runs after
+    every k steps (torchtitan's ``gc_freq``, Megatron's manual GC): each automatic full pass re-walks
+    every live episode of the step, 8% of the main job's step. 0: Python's automatic collection."""
     keep_checkpoints: int = Field(2, ge=1)
     resume: str = "auto"
     """``auto`` (latest checkpoint in run_dir, if any), ``off``, or a checkpoint path (false: off, true: auto)."""

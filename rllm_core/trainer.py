@@ -123,6 +123,8 @@ class UnifiedTrainer:
         """Stopped by Ctrl-C (SIGINT), not by the end of the data or ``request_stop()``."""
         self._saved_step = -1
         self._validated_step = -1
+        self._manual_gc = False
+        """True while fit runs with Python's automatic collection off (``trainer.gc_every``)."""
         self._pending: list[tuple[int, int]] = []
         self._coord: Coordinator | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -202,11 +204,19 @@ class UnifiedTrainer:
         # trigger, from re-scanning it (35% of a zero-latency step here). Unfrozen at the end, so
         # nothing is kept beyond the run; a process that froze objects itself is left alone.
         freeze = gc.isenabled() and gc.get_freeze_count() == 0
+        # trainer.gc_every: no automatic passes, which each re-walk the live episodes; _after_step
+        # collects between steps instead. A process that turned the collector off is left alone.
+        self._manual_gc = gc.isenabled() and self.config.trainer.gc_every > 0
         if freeze:
             gc.freeze()
+        if self._manual_gc:
+            gc.disable()
         try:
             return await self._fit()
         finally:
+            if self._manual_gc:
+                gc.enable()
+                self._manual_gc = False
             if freeze:
                 gc.unfreeze()
 
@@ -528,6 +538,8 @@ class UnifiedTrainer:
             await self.validate()
         if cfg.save_every and self.step % cfg.save_every == 0:
             await self._save_checkpoint()
+        if self._manual_gc and self.step % cfg.gc_every == 0:
+            gc.collect()
 
     def _should_stop(self) -> bool:
         return self._stop_requested or self.step >= self.total_steps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -256,3 +257,69 @@ def test_fit_inside_running_loop_points_to_fit_async(tmp_path):
 
     asyncio.run(main())
     assert trainer.step == 8
+
+
+class _GcWatch:
+    """Records, per step, whether Python's automatic collection was on, and the full collections."""
+
+    def __init__(self, settings):
+        self.enabled: list[bool] = []
+        self.collected_after: list[int] = []  # the step count when each full collection started
+        self.trainer = None
+
+    @hookimpl
+    def on_batch_end(self, trainer, metrics):
+        self.trainer = trainer
+        self.enabled.append(gc.isenabled())
+
+    def callback(self, phase, info):
+        if phase == "start" and info["generation"] == 2 and self.trainer is not None:
+            self.collected_after.append(self.trainer.step)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_gc_every_collects_between_steps_with_automatic_collection_off(tmp_path, mode):
+    class Plugin:
+        @hookimpl
+        def register_hooks(self, register):
+            register("gc_watch", _GcWatch)
+
+    assert gc.isenabled()
+    with registered(Plugin()):
+        trainer = _trainer(
+            tmp_path, hooks={"gc_watch": {}}, data={"train_batch_size": 8}, trainer={"gc_every": 2, "mode": mode}
+        )
+        watch = trainer.hook_plugins["gc_watch"]
+        gc.callbacks.append(watch.callback)
+        try:
+            trainer.fit()
+        finally:
+            gc.callbacks.remove(watch.callback)
+    assert watch.enabled == [False] * 4  # 32 tasks, 8 a step
+    assert [s for s in watch.collected_after if s in (1, 2, 3, 4)] == [2, 4]
+    assert gc.isenabled()  # restored for whatever the process does next
+
+
+def test_gc_every_0_leaves_automatic_collection_on(tmp_path):
+    class Plugin:
+        @hookimpl
+        def register_hooks(self, register):
+            register("gc_watch", _GcWatch)
+
+    with registered(Plugin()):
+        trainer = _trainer(tmp_path, hooks={"gc_watch": {}}, data={"train_batch_size": 8}, trainer={"gc_every": 0})
+        trainer.fit()
+    assert trainer.hook_plugins["gc_watch"].enabled == [True] * 4
+
+
+def test_gc_is_turned_back_on_when_fit_fails(tmp_path):
+    trainer = _trainer(tmp_path)
+
+    async def broken(*args, **kwargs):
+        assert not gc.isenabled()
+        raise RuntimeError("backend down")
+
+    trainer.backend.update_policy = broken
+    with pytest.raises(RuntimeError, match="backend down"):
+        trainer.fit()
+    assert gc.isenabled()
