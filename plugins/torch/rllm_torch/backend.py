@@ -66,7 +66,6 @@ class TrainBatch:
     sampler_logprobs: list[np.ndarray] = field(default_factory=list)
     weights: list[np.ndarray] = field(default_factory=list)
     advantages: list[np.ndarray] = field(default_factory=list)
-    ref_logprobs: list[np.ndarray] | None = None
     temperatures: list[float] = field(default_factory=list)
     """Per row: the temperature its logprobs are taken at (the one it was sampled at)."""
 
@@ -213,8 +212,10 @@ class TorchBackend(Backend):
         await loop.run_in_executor(self._train_executor, self._fill_logprobs, batch)
 
     def _fill_logprobs(self, batch: TrainBatch) -> None:
-        """Old logprobs where unknown (or all of them with ``old_logprobs: recompute``), and reference ones."""
-        share = self._share_prompts
+        """Old logprobs where unknown (or all of them with ``old_logprobs: recompute``).
+
+        The reference's logprobs (KL terms) are not computed here: the training step runs the
+        reference one micro-batch ahead of the policy, on the other core (:meth:`_train_step`)."""
         with self._train_lock:
             need = [i for i, (lp, m) in enumerate(zip(batch.old_logprobs, batch.masks, strict=True)) if _unknown(lp, m)]
             for idx in self._chunks(need, batch):
@@ -223,30 +224,12 @@ class TorchBackend(Backend):
                     self.policy,
                     rows,
                     pad_id=self._pad,
-                    share_prompts=share,
+                    share_prompts=self._share_prompts,
                     share_rows=self._share_rows,
                     temperature=[batch.temperatures[i] for i in idx],
                 )
                 for i, lp in zip(idx, lps, strict=True):
                     batch.old_logprobs[i] = np.asarray(lp, dtype=np.float32) * batch.masks[i]
-            loss = self.config.algorithm.loss
-            # With the forward KL on, the training step runs the reference anyway and takes k3's
-            # reference logprobs from that pass (one reference forward per row, not two).
-            if loss.kl_coef > 0 and loss.forward_kl_coef == 0 and self.runtime.reference is not None:
-                batch.ref_logprobs = [np.zeros(0, dtype=np.float32)] * len(batch)
-                for idx in self._chunks(list(range(len(batch))), batch):
-                    rows = [(batch.prompts[i], batch.responses[i]) for i in idx]
-                    with self.runtime.lock:
-                        lps = score(
-                            self.runtime.reference,
-                            rows,
-                            pad_id=self._pad,
-                            share_prompts=share,
-                            share_rows=self._share_rows,
-                            temperature=[batch.temperatures[i] for i in idx],
-                        )
-                    for i, lp in zip(idx, lps, strict=True):
-                        batch.ref_logprobs[i] = np.asarray(lp, dtype=np.float32)
 
     @property
     def _pad(self) -> int:
@@ -339,21 +322,24 @@ class TorchBackend(Backend):
         with self._train_lock, self.runtime.lock if not self.separate_sampler else _NULL_LOCK:
             self.policy.train()
             lr = self.scheduler.get_last_lr()[0]
-            forward_on = loss_cfg.forward_kl_coef > 0 and self.runtime.reference is not None
-            kl_on = loss_cfg.kl_coef > 0 and (batch.ref_logprobs is not None or forward_on)
+            has_reference = self.runtime.reference is not None
+            forward_on = loss_cfg.forward_kl_coef > 0 and has_reference
+            kl_on = loss_cfg.kl_coef > 0 and has_reference
             parts = rows.mini_batches(step, self.seed, self.config.algorithm.optim)
             plans = [self._plan(batch, part, every_row=kl_on or forward_on) for part in parts]
             reference = None
-            if forward_on:
+            if kl_on or forward_on:
                 # The reference's passes run on their own thread (the other core), one micro-batch
-                # ahead: each beside the policy's backward of the micro-batch before and forward of its own.
+                # ahead: each beside the policy's backward of the micro-batch before and forward of
+                # its own. With the forward KL on, k3 takes its logprobs from the same pass.
                 chunks = [idx for _, part_chunks in plans for idx in part_chunks]
                 executor = self._reference_executor if self._overlap_reference else None
-                reference = _Prefetched(executor, partial(self._reference_log_softmax, batch), chunks)
+                fn = self._reference_log_softmax if forward_on else self._reference_logprobs
+                reference = _Prefetched(executor, partial(fn, batch), chunks)
             for part, (kept, part_chunks) in zip(parts, plans, strict=True):
                 weights = rows.loss_weights(loss_cfg.agg_mode, factor, rows=part)
                 batch.weights = [weights[cuts[r] : offsets[r + 1]].astype(np.float32) for r in range(len(batch))]
-                n, f, fr, t, norm = self._optimizer_step(batch, kept, part_chunks, sums, kl_on, reference)
+                n, f, fr, t, norm = self._optimizer_step(batch, kept, part_chunks, sums, kl_on, reference, forward_on)
                 n_tokens, fed, fed_real, trained = n_tokens + n, fed + f, fed_real + fr, trained + t
                 norms.append(norm)
             self.scheduler.step()  # once per training step, however many optimiser steps it took
@@ -398,17 +384,18 @@ class TorchBackend(Backend):
         sums: dict[str, float],
         kl_on: bool,
         reference: Iterator[torch.Tensor] | None = None,
+        forward_on: bool = False,
     ) -> tuple[int, int, int, int, float]:
         """Forward/backward over ``rows`` in micro-batches ``chunks`` (see :meth:`_plan`), then one
         clipped AdamW step. ``kl_on``: the sampled KL term is on; ``reference`` yields each
-        micro-batch's reference log-softmax, in order, when the forward KL is on.
+        micro-batch's reference result, in order: its log-softmax at the action tokens when the
+        forward KL is on (``forward_on``), else its logprobs of them.
 
         Adds per-token diagnostics to ``sums``; returns (tokens, fed, fed_real, trained rows, grad norm).
         """
         loss_cfg = self.config.algorithm.loss
         share, share_rows = self._share_prompts, self._share_rows
         tis = loss_cfg.tis_cap if loss_cfg.old_logprobs == "recompute" else None
-        forward_on = reference is not None
         self.optimizer.zero_grad(set_to_none=True)
         n_tokens = fed = fed_real = 0
         for idx in chunks:
@@ -428,7 +415,8 @@ class TorchBackend(Backend):
             sel, targets = sel[on], targets[on]
             # After the policy's forward, which ran beside this micro-batch's reference pass; this
             # sends the next one's off, to run beside the backward.
-            ref_logsm = next(reference) if reference is not None else None
+            ref_out = next(reference) if reference is not None else None
+            ref_logsm = ref_out if forward_on else None
             temperature = self._temperature(batch, idx, on)
             if not isinstance(temperature, float) or temperature != 1.0:
                 sel = sel.float() / temperature
@@ -456,7 +444,7 @@ class TorchBackend(Backend):
                 if ref_logsm is not None:
                     ref = ref_logsm.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
                 else:
-                    ref = flat(batch.ref_logprobs)[on]
+                    ref = ref_out
                 kl = kl_penalty(logp, ref, loss_cfg.kl_estimator, loss_cfg.kl_clamp)
                 loss_t = loss_t + loss_cfg.kl_coef * kl
                 stats["kl"] = kl.detach()
@@ -480,7 +468,7 @@ class TorchBackend(Backend):
                 for key, val in stats.items():
                     sums[key] = sums.get(key, 0.0) + float(val.float().sum())
             n_tokens += int(targets.numel())
-            del sel, ref_logsm  # the next micro-batch's reference result is already on its way
+            del sel, ref_out, ref_logsm  # the next micro-batch's reference result is already on its way
         params = [p for p in self.policy.parameters() if p.requires_grad]
         for p in params:
             if p.grad is None:  # every row skipped: a zero gradient, so AdamW still does its step
@@ -489,6 +477,22 @@ class TorchBackend(Backend):
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
         self.optimizer.step()
         return n_tokens, fed, fed_real, len(rows), float(grad_norm)
+
+    def _reference_logprobs(self, batch: TrainBatch, idx: list[int]) -> torch.Tensor:
+        """The reference's logprobs of the action tokens of rows ``idx``, flat (the k3 KL term): the
+        same :func:`score` pass as the old logprobs', one micro-batch at a time on the reference thread."""
+        with self.runtime.lock if self.separate_sampler else _NULL_LOCK:
+            lps = score(
+                self.runtime.reference,
+                [(batch.prompts[i], batch.responses[i]) for i in idx],
+                pad_id=self._pad,
+                share_prompts=self._share_prompts,
+                share_rows=self._share_rows,
+                temperature=[batch.temperatures[i] for i in idx],
+            )
+        flat = np.concatenate([np.asarray(lp, dtype=np.float32) for lp in lps])
+        on = np.concatenate([batch.masks[i] for i in idx]) > 0
+        return torch.from_numpy(flat[on]).to(self.device)
 
     def _reference_log_softmax(self, batch: TrainBatch, idx: list[int]) -> torch.Tensor:
         """The reference's tempered log-softmax at the action tokens of rows ``idx`` (``forward_kl_coef``).

@@ -245,8 +245,9 @@ def test_forward_kl_on_no_signal_rows_acts_only_where_the_advantage_is_zero():
     assert m["actor/forward_kl"] == pytest.approx(expected, rel=1e-4) and expected > 0.01
 
 
-def test_with_both_kl_terms_the_reference_runs_once_per_micro_batch_and_k3_is_unchanged():
-    """k3 takes its reference logprobs from the forward KL's reference pass: no pre-pass over the batch."""
+def test_the_reference_runs_once_per_micro_batch_beside_training_and_k3_is_the_same_with_both_kl_terms():
+    """k3 alone and k3 with the forward KL both run the reference inside the training step, on the
+    reference thread (no pre-pass on the training thread), once per micro-batch; k3 agrees."""
     runs = {}
     for forward in (0.0, 1e-9):
         b = backend(**{"algorithm.loss.kl_coef": 0.1, "algorithm.loss.forward_kl_coef": forward})
@@ -264,11 +265,38 @@ def test_with_both_kl_terms_the_reference_runs_once_per_micro_batch_and_k3_is_un
         runs[forward] = (m, calls)
     (m_k3, calls_k3), (m_both, calls_both) = runs[0.0], runs[1e-9]
     assert m_both["actor/kl"] == pytest.approx(m_k3["actor/kl"], rel=1e-4) and m_k3["actor/kl"] > 1e-3
-    # a shared-prompt pass is two forwards (prompts, then responses); the pre-pass would add two more
+    # a shared-prompt pass is two forwards (prompts, then responses)
     assert len(calls_both) == len(calls_k3) == 2
-    # the k3 pre-pass runs on the training thread; the forward KL's pass beside it, on its own
-    assert all(name.startswith("rllm-torch-train") for name in calls_k3)
-    assert all(name.startswith("rllm-torch-reference") for name in calls_both)
+    assert all(name.startswith("rllm-torch-reference") for name in calls_k3 + calls_both)
+
+
+@pytest.mark.parametrize("micro_batch_tokens", [16384, 16])
+def test_k3_is_that_of_the_reference_models_logprobs_however_the_step_is_micro_batched(micro_batch_tokens):
+    """The step's KL equals k3 of the policy's and the reference's own teacher-forced logprobs, token
+    mean over the action tokens, at the sampling temperature, in one micro-batch or in many."""
+    from rllm_torch.sampling import score
+
+    b = backend(**{"algorithm.loss.kl_coef": 0.1, "torch.micro_batch_tokens": micro_batch_tokens})
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in b.policy.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+
+    async def sample():
+        calls = [b.rollout_engine.get_model_response(MSG, max_tokens=3, temperature=0.7) for _ in range(8)]
+        return await asyncio.gather(*calls)
+
+    outs = asyncio.run(sample())
+    assert {o.temperature for o in outs} == {0.7}
+    rows = [(o.prompt_ids, o.completion_ids) for o in outs]
+    policy = score(b.policy, rows, pad_id=b._pad, temperature=0.7)
+    reference = score(b.runtime.reference, rows, pad_id=b._pad, temperature=0.7)
+    pairs = zip(policy, reference, strict=True)
+    d = torch.tensor([p - r for lp, lr in pairs for p, r in zip(lp, lr, strict=True)])
+    expected = float((torch.exp(-d) + d - 1.0).clamp(max=10.0).mean())  # kl_clamp: 10
+    m = _train(b, groups_from_outputs(outs, [0.0] * 8)).metrics
+    assert expected > 1e-3
+    assert m["actor/kl"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_prefetched_keeps_order_and_runs_one_item_ahead_on_the_executor():
