@@ -152,6 +152,20 @@ class FilterConfig(_Section):
     masks every row with a step cut by the length limit (overlong masking, DAPO)."""
 
 
+class ReplayConfig(_Section):
+    """Replay of earlier successes into groups that came back all wrong (``algorithm.replay``)."""
+
+    successes: int = Field(0, ge=0)
+    """Per task whose fresh group has no correct rollout, this many of its latest earlier successes
+    replace its last rollouts (at most all but one), trained as samples of the current policy (old
+    logprobs recomputed, the run's temperature): self-imitation, as in ExGRPO and RLEP. The group
+    then teaches again what the policy had found and lost, instead of being dropped as uniform.
+    Replayed copies count in no ``train/`` metric. 0: off. Needs a backend that recomputes the old
+    logprobs a row lacks (torch, verl)."""
+    max_tasks: int = Field(100_000, ge=1)
+    """Tasks whose successes are kept (the least recently successful are forgotten first)."""
+
+
 class LossConfig(_Section):
     name: str = "importance_sampling"
     """Policy loss: ``importance_sampling``, ``ppo`` (clip) or backend specific."""
@@ -277,6 +291,7 @@ class AlgorithmConfig(_Section):
     stepwise_mode: Literal["broadcast"] = "broadcast"
     """How a trajectory advantage reaches its steps: on every step."""
     filter: FilterConfig = Field(default_factory=FilterConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     loss_by_role: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Per-role changes to ``loss``, e.g. ``{judge: {name: importance_sampling}}``: each entry is merged

@@ -96,6 +96,9 @@ class Backend:
     trains_row_temperature: ClassVar[bool] = False
     """Whether the loss uses each row's own sampling temperature (``TokenRows.temperature``), which
     ``rollout.explore`` needs; the trainer refuses that setting otherwise."""
+    recomputes_old_logprobs: ClassVar[bool] = False
+    """Whether the backend computes, under the current weights, the old logprobs of action tokens
+    that have none (``NaN`` in ``TokenRows.logprobs``), which ``algorithm.replay`` needs."""
 
     def __init__(self, config: RLLMConfig) -> None:
         self.config = config

@@ -141,6 +141,7 @@ class SimulatedBackend(Backend):
 
     name: ClassVar[str] = "simulated"
     config_model: ClassVar[Any] = SimulatedConfig
+    recomputes_old_logprobs: ClassVar[bool] = True  # its updates read no logprobs at all
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)

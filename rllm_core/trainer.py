@@ -47,6 +47,7 @@ from rllm_core.loggers import Logger, MultiLogger
 from rllm_core.metrics import episode_metrics, validation_metrics
 from rllm_core.plugins import HookRunner, get_registry
 from rllm_core.protocol import TrainerState
+from rllm_core.replay import REPLAYED_KEY, SuccessReplay, fresh
 from rllm_core.rows import TEMPERATURE_KEY, build_rows
 from rllm_core.types import Episode, TrajectoryGroup
 from rllm_core.workflows import WorkflowEngine
@@ -101,6 +102,16 @@ class UnifiedTrainer:
                 f"rollout.explore.temperature: backend {getattr(backend, 'name', type(backend).__name__)!r} trains "
                 "every row at one temperature, so rollouts sampled at another would get a biased ratio; "
                 "use a backend that trains each row at its own (torch), or leave it unset"
+            )
+        replay = config.algorithm.replay
+        self.replay = SuccessReplay(replay.successes, replay.max_tasks) if replay.successes else None
+        """``algorithm.replay``: the latest successes per task, replayed into all-wrong groups."""
+        if self.replay is not None and not getattr(backend, "recomputes_old_logprobs", False):
+            raise ConfigError(
+                f"algorithm.replay.successes: backend {getattr(backend, 'name', type(backend).__name__)!r} needs "
+                "the sampling logprobs of every row, and a replayed success is trained as a sample of the "
+                "current policy, whose old logprobs the backend must compute; use a backend that does "
+                "(torch, verl), or set it to 0"
             )
         self.engine = backend.init_rollout_engine()
         if getattr(backend, "rollout_engine", None) is None:
@@ -326,6 +337,8 @@ class UnifiedTrainer:
         self._pending = [tuple(k) for k in st.get("pending", [])]
         self._epochs_started = set(st.get("epochs_started", []))
         self.workflow_engine.explore_tasks = set(st.get("explore_tasks", []))
+        if self.replay is not None:
+            self.replay.load_state_dict(st.get("replay", []))
         if "epochs_ended" in st:
             self._epochs_ended = set(st["epochs_ended"])
         else:  # an older checkpoint: the epochs left behind with nothing pending had ended
@@ -371,6 +384,7 @@ class UnifiedTrainer:
             "epochs_started": sorted(self._epochs_started),
             "epochs_ended": sorted(self._epochs_ended),
             "explore_tasks": sorted(self.workflow_engine.explore_tasks),
+            "replay": self.replay.state_dict() if self.replay is not None else [],
             "time": time.time(),
             "config": self.config.to_dict(),
         }
@@ -422,6 +436,12 @@ class UnifiedTrainer:
         """
         from rllm_core.advantages import filter_groups
 
+        replayed = 0
+        if self.replay is not None:
+            # What the policy generated, not the copies a step before this one put in.
+            self.replay.observe(fresh(episodes if generated is None else generated))
+            episodes = self.replay.fill_all(episodes)  # dynamic sampling has filled its groups already
+            replayed = sum(1 for e in episodes if e.info.get(REPLAYED_KEY))
         state.episodes = episodes
         if self.runner.has("postprocess_opsd"):
             await asyncio.gather(
@@ -432,7 +452,12 @@ class UnifiedTrainer:
             )
         # after post-processing: it may add episode metrics
         seen = episodes if generated is None else generated
+        if self.replay is not None:
+            seen = fresh(seen)
         metrics = episode_metrics(seen, "train")
+        if self.replay is not None:
+            metrics["replay/episodes"] = float(replayed)
+            metrics["replay/tasks"] = float(len(self.replay))
         if self.config.rollout.explore.temperature is not None:
             self._update_explore(seen, metrics)
         groups = await self.group_episodes(episodes)
@@ -629,9 +654,15 @@ class UnifiedTrainer:
             for episode in episodes:
                 by_task.setdefault(episode.task_id, []).append(episode)
             tasks += len(by_task)
+            if self.replay is not None:
+                self.replay.observe(episodes)
             for task_id, eps in by_task.items():
                 # a small data set can come round again: one group per task in a step
-                if task_id not in kept and is_informative(eps):
+                if task_id in kept:
+                    continue
+                if self.replay is not None:
+                    eps = self.replay.fill(eps)  # before the check: a replayed success makes it informative
+                if is_informative(eps):
                     kept[task_id] = eps
             if len(kept) >= target or rounds >= max_rounds:
                 break
@@ -743,6 +774,9 @@ class UnifiedTrainer:
         if self.config.algorithm.filter.dynamic_sampling:
 
             def keep(result: TaskResult) -> bool:
+                if self.replay is not None:
+                    self.replay.observe(result.episodes)
+                    result.episodes = self.replay.fill(result.episodes)
                 return is_informative(result.episodes)
 
             max_discards = (self.config.algorithm.filter.max_sample_rounds - 1) * batch_size

@@ -128,6 +128,7 @@ class VerlBackend(Backend):
 
     name = "verl"
     config_model = VerlConfig
+    recomputes_old_logprobs = True  # the workers recompute them when some row lacks them
 
     def __init__(self, config: RLLMConfig) -> None:
         super().__init__(config)

@@ -79,6 +79,7 @@ class TorchBackend(Backend):
     name = "torch"
     config_model = TorchBackendConfig
     trains_row_temperature = True
+    recomputes_old_logprobs = True  # process_backend_batch scores the rows that lack them
 
     def __init__(self, config: RLLMConfig) -> None:
         super().__init__(config)

@@ -58,6 +58,26 @@ def test_update_on_policy_data_has_unit_ratio_and_reports_metrics():
     assert b.updates == 1
 
 
+def test_rows_without_sampling_logprobs_are_trained_on_recomputed_ones():
+    """What algorithm.replay relies on (``recomputes_old_logprobs``): a replayed success carries no
+    sampling logprobs; the backend scores it under the current weights, so its ratio starts at 1."""
+    b = backend()
+    assert type(b).recomputes_old_logprobs
+    outs = _sample(b)
+    torch.manual_seed(0)
+    with torch.no_grad():  # the weights move on after sampling: the sampler's logprobs are stale
+        for p in b.policy.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    stale = _train(b, groups_from_outputs(outs, [float(i % 2) for i in range(16)])).metrics
+    assert abs(stale["actor/ratio_mean"] - 1.0) > 1e-3
+    groups = groups_from_outputs(outs, [float(i % 2) for i in range(16)])
+    for traj in groups[0].trajectories:
+        traj.steps[0].logprobs = []
+    m = _train(b, groups).metrics
+    assert m["actor/ratio_mean"] == pytest.approx(1.0, abs=1e-4)  # first mini-batch: exactly on-policy
+    assert m["actor/loss"] == m["actor/loss"]  # not NaN
+
+
 def test_micro_batches_accumulate_to_the_same_update():
     big, small = backend(), backend(**{"torch.micro_batch_tokens": 16})
     outs = _sample(big)
