@@ -105,13 +105,14 @@ class SuccessReplay:
 
 def _replayed(success: Episode, replaced: Episode) -> Episode:
     """A copy of ``success`` standing in for rollout ``replaced``: trained as the current policy's
-    sample (no sampling logprobs, the run's temperature) and marked."""
+    sample (no sampling logprobs or version, the run's temperature) and marked."""
     copy = success.model_copy(deep=True)
     for trajectory in copy.trajectories:
         for step in trajectory.steps:
             step.logprobs = []  # unknown: recomputed under the current weights
             step.temperature = None
             step.advantage = None  # the one it was trained with, when it was fresh
+            step.weight_version = None  # a sample of no served version: not stale, and not fresh
     copy.info.pop(TEMPERATURE_KEY, None)
     copy.info[REPLAYED_KEY] = True
     copy.rollout_idx = replaced.rollout_idx

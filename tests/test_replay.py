@@ -18,7 +18,9 @@ pytestmark = pytest.mark.timeout(60)
 
 def _episode(task_id: str, correct: bool, idx: int = 0, response: list[int] | None = None) -> Episode:
     response = response or [7, 8, idx]
-    step = Step(prompt_ids=[1, 2], response_ids=response, logprobs=[-0.5] * len(response), temperature=2.0)
+    step = Step(
+        prompt_ids=[1, 2], response_ids=response, logprobs=[-0.5] * len(response), temperature=2.0, weight_version=3
+    )
     return Episode(
         task_id=task_id,
         rollout_idx=idx,
@@ -46,6 +48,7 @@ def test_an_all_wrong_group_gets_the_latest_success_in_place_of_its_last_rollout
     assert step.response_ids == [2, 2]  # the latest success
     # trained as a sample of the current policy, at the run's temperature
     assert step.logprobs == [] and step.temperature is None and TEMPERATURE_KEY not in copy.info
+    assert step.weight_version is None  # a sample of no served version: not counted as stale
     # a copy: what is stored is untouched
     assert new.trajectories[0].steps[0].logprobs == [-0.5, -0.5] and REPLAYED_KEY not in new.info
     rows = build_rows([TrajectoryGroup(task_id="t", role="solver", trajectories=[e.trajectories[0] for e in out])])
