@@ -79,4 +79,5 @@ def test_the_main_job_learns_the_multi_token_task(tmp_path):
     rewards = [m["train/reward/mean"] for _, m in Recorder.history if "train/reward/mean" in m]
     assert len(rewards) == 100
     assert sum(rewards[:10]) / 10 < 0.05
-    assert sum(rewards[-10:]) / 10 > 0.25, rewards[-10:]  # at step 100 seeds 0-2 were at 0.5-0.8 alone
+    # its lr decays to 0 at step 100 here: seed 0 ends at 0.77 (0.9 at step 99 over the main job's 500)
+    assert sum(rewards[-10:]) / 10 > 0.5, rewards[-10:]
