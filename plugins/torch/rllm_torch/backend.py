@@ -479,38 +479,33 @@ class TorchBackend(Backend):
         self.optimizer.step()
         return n_tokens, fed, fed_real, len(rows), float(grad_norm)
 
-    def _reference_logprobs(self, batch: TrainBatch, idx: list[int]) -> torch.Tensor:
-        """The reference's logprobs of the action tokens of rows ``idx``, flat (the k3 KL term): the
-        same :func:`score` pass as the old logprobs', one micro-batch at a time on the reference thread."""
-        with self.runtime.lock if self.separate_sampler else _NULL_LOCK:
-            lps = score(
-                self.runtime.reference,
-                [(batch.prompts[i], batch.responses[i]) for i in idx],
-                pad_id=self._pad,
-                share_prompts=self._share_prompts,
-                share_rows=self._share_rows,
-                temperature=[batch.temperatures[i] for i in idx],
-            )
-        flat = np.concatenate([np.asarray(lp, dtype=np.float32) for lp in lps])
-        on = np.concatenate([batch.masks[i] for i in idx]) > 0
-        return torch.from_numpy(flat[on]).to(self.device)
+    def _reference_logits(self, batch: TrainBatch, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's tempered logits at the action tokens of rows ``idx``, and those tokens (flat).
 
-    def _reference_log_softmax(self, batch: TrainBatch, idx: list[int]) -> torch.Tensor:
-        """The reference's tempered log-softmax at the action tokens of rows ``idx`` (``forward_kl_coef``).
-
-        Computed one micro-batch at a time (on the reference thread, one ahead of the policy), rather
-        than stored: a full distribution per token is vocabulary-sized. Without a separate sampler the
-        training step holds the runtime's lock, so nothing replaces the reference meanwhile."""
+        Computed one micro-batch at a time, on the reference thread one ahead of the policy, for the
+        KL terms. Without a separate sampler the training step holds the runtime's lock, so nothing
+        replaces the reference meanwhile."""
         on = torch.from_numpy(np.concatenate([batch.masks[i] for i in idx]) > 0).to(self.device)
         with torch.no_grad(), self.runtime.lock if self.separate_sampler else _NULL_LOCK:
-            sel, _ = response_logits(
+            sel, targets = response_logits(
                 self.runtime.reference,
                 [(batch.prompts[i], batch.responses[i]) for i in idx],
                 pad_id=self._pad,
                 share_prompts=self._share_prompts,
                 share_rows=self._share_rows,
             )
-            return torch.log_softmax(sel[on].float() / self._temperature(batch, idx, on), dim=-1)
+            return sel[on].float() / self._temperature(batch, idx, on), targets[on]
+
+    def _reference_logprobs(self, batch: TrainBatch, idx: list[int]) -> torch.Tensor:
+        """The reference's logprobs of the action tokens of rows ``idx``, flat (the k3 KL term)."""
+        logits, targets = self._reference_logits(batch, idx)
+        return token_logprobs(logits, targets)
+
+    def _reference_log_softmax(self, batch: TrainBatch, idx: list[int]) -> torch.Tensor:
+        """The reference's tempered log-softmax at the action tokens of rows ``idx`` (``forward_kl_coef``):
+        a full distribution per token is vocabulary-sized, so it is never stored, only computed ahead."""
+        logits, _ = self._reference_logits(batch, idx)
+        return torch.log_softmax(logits, dim=-1)
 
     def _temperature(self, batch: TrainBatch, idx: list[int], on: torch.Tensor) -> float | torch.Tensor:
         """What micro-batch ``idx``'s logits at its action tokens (``on``) are divided by: one float, or
