@@ -262,7 +262,7 @@ def test_fit_inside_running_loop_points_to_fit_async(tmp_path):
 class _GcWatch:
     """Records, per step, whether Python's automatic collection was on, and the full collections."""
 
-    def __init__(self, settings):
+    def __init__(self):
         self.enabled: list[bool] = []
         self.collected_after: list[int] = []  # the step count when each full collection started
         self.trainer = None
@@ -277,39 +277,30 @@ class _GcWatch:
             self.collected_after.append(self.trainer.step)
 
 
+def _watch_gc(tmp_path, **trainer_section) -> _GcWatch:
+    """Train 4 steps (32 tasks, 8 a step) with ``trainer_section``, watching the collector."""
+    trainer = _trainer(tmp_path, data={"train_batch_size": 8}, trainer=trainer_section)
+    watch = _GcWatch()
+    trainer.runner.add("gc_watch", watch)
+    gc.callbacks.append(watch.callback)
+    try:
+        trainer.fit()
+    finally:
+        gc.callbacks.remove(watch.callback)
+    return watch
+
+
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_gc_every_collects_between_steps_with_automatic_collection_off(tmp_path, mode):
-    class Plugin:
-        @hookimpl
-        def register_hooks(self, register):
-            register("gc_watch", _GcWatch)
-
     assert gc.isenabled()
-    with registered(Plugin()):
-        trainer = _trainer(
-            tmp_path, hooks={"gc_watch": {}}, data={"train_batch_size": 8}, trainer={"gc_every": 2, "mode": mode}
-        )
-        watch = trainer.hook_plugins["gc_watch"]
-        gc.callbacks.append(watch.callback)
-        try:
-            trainer.fit()
-        finally:
-            gc.callbacks.remove(watch.callback)
-    assert watch.enabled == [False] * 4  # 32 tasks, 8 a step
+    watch = _watch_gc(tmp_path, gc_every=2, mode=mode)
+    assert watch.enabled == [False] * 4
     assert [s for s in watch.collected_after if s in (1, 2, 3, 4)] == [2, 4]
     assert gc.isenabled()  # restored for whatever the process does next
 
 
 def test_gc_every_0_leaves_automatic_collection_on(tmp_path):
-    class Plugin:
-        @hookimpl
-        def register_hooks(self, register):
-            register("gc_watch", _GcWatch)
-
-    with registered(Plugin()):
-        trainer = _trainer(tmp_path, hooks={"gc_watch": {}}, data={"train_batch_size": 8}, trainer={"gc_every": 0})
-        trainer.fit()
-    assert trainer.hook_plugins["gc_watch"].enabled == [True] * 4
+    assert _watch_gc(tmp_path, gc_every=0).enabled == [True] * 4
 
 
 def test_gc_is_turned_back_on_when_fit_fails(tmp_path):
